@@ -1,0 +1,437 @@
+"""BERT (Devlin et al., 2018) for pretraining (MLM + NSP), in one file.
+
+Module names follow Hugging Face's modeling_bert, so the state-dict keys are identical and checkpoints map
+1:1 (`bert.embeddings.word_embeddings.weight`, ..., `cls.predictions.decoder.weight` tied to the word
+embeddings, `cls.seq_relationship`). The code is single-device: no DeepSpeed, no CLI, no globals.
+
+Shapes: B batch, S sequence length, H hidden size, N heads, D = H / N head size, V vocabulary,
+P masked-LM predictions per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Google's released sizes (Turc et al. 2019 for the small ones): name -> (layers, hidden).
+# Heads = hidden / 64 and intermediate = 4 * hidden throughout.
+PRESETS = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact erf GELU, as Google's BERT and HF's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class BertConfig:
+    """Hugging Face's BertConfig field names and defaults (BERT-base)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        for name in ["hidden_dropout_prob", "attention_probs_dropout_prob"]:
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ["layer_norm_eps", "initializer_range"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"BertConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"BertConfig.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BertConfig":
+        """Google's released sizes: tiny, mini, small, medium, base, large; fields may be overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        layers, hidden = PRESETS[name]
+        fields = dict(num_hidden_layers=layers, hidden_size=hidden,
+                      num_attention_heads=hidden // 64, intermediate_size=4 * hidden)
+        fields.update(overrides)
+        return cls.from_dict(fields)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        """Build from a dict; unknown keys are an error naming them (HF's extra keys are dropped by hf.py)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BertConfig field(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs (HF's field names)
+
+
+@dataclass
+class BertModelOutput:
+    last_hidden_state: torch.Tensor  # (B, S, H)
+    pooler_output: torch.Tensor  # (B, H)
+
+
+@dataclass
+class BertForPreTrainingOutput:
+    prediction_logits: torch.Tensor  # (B, S, V)
+    seq_relationship_logits: torch.Tensor  # (B, 2)
+
+
+@dataclass
+class PreTrainingLossOutput:
+    """Losses of the sparse prediction path, plus the counts that make metrics exactly aggregable."""
+
+    loss: torch.Tensor  # mlm_loss + nsp_loss, what backward() sees
+    mlm_loss: torch.Tensor  # mean over real predictions in the batch
+    nsp_loss: torch.Tensor  # mean over sequences
+    mlm_acc: torch.Tensor
+    nsp_acc: torch.Tensor
+    mlm_loss_sum: torch.Tensor  # sums and counts, detached, for exact averages over many batches
+    mlm_correct: torch.Tensor
+    mlm_count: torch.Tensor
+    nsp_loss_sum: torch.Tensor
+    nsp_correct: torch.Tensor
+    nsp_count: torch.Tensor
+    mlm_predictions: torch.Tensor  # (B, P) argmax ids at masked_lm_positions, for Input/Target/Predicted
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Non-persistent, as in HF: they are not part of the checkpoint.
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
+                             persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(1, config.max_position_embeddings, dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, input_ids, token_type_ids):
+        S = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)  # (B, S, H)
+        x = x + self.position_embeddings(self.position_ids[:, :S])  # (1, S, H) broadcast
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        B, S, H = x.shape
+
+        def heads(t):  # (B, S, H) -> (B, N, S, D)
+            return t.view(B, S, self.num_heads, self.head_size).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # attn_mask: (B, 1, 1, S) bool, True = attend; softmax(q k^T / sqrt(D)) v with dropout on the probs.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, N, S, D)
+        return y.transpose(1, 2).reshape(B, S, H)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + residual + post-LayerNorm (BERT is post-LN)."""
+
+    def __init__(self, config: BertConfig, in_size: int):
+        super().__init__()
+        self.dense = nn.Linear(in_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config, config.hidden_size)
+
+    def forward(self, x, attn_mask):
+        return self.output(self.self(x, attn_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))  # (B, S, 4H)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSelfOutput(config, config.intermediate_size)  # HF's BertOutput has the same shape
+
+    def forward(self, x, attn_mask):
+        x = self.attention(x, attn_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, attn_mask):
+        for layer in self.layer:
+            x = layer(x, attn_mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))  # (B, H) from the [CLS] position
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared initialisation: BERT's truncated-normal is approximated by normal(0, 0.02) as in HF."""
+
+    config: BertConfig
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def check_inputs(self, input_ids, token_type_ids, attention_mask):
+        """Turn index errors from deep inside into a ValueError that says which input is wrong."""
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        S = input_ids.shape[1]
+        if S > c.max_position_embeddings:
+            raise ValueError(f"sequence length {S} exceeds max_position_embeddings {c.max_position_embeddings}")
+        for name, t in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            # One host sync for both checks; cheap next to the forward pass.
+            lo, hi = torch.aminmax(input_ids)
+            if lo.item() < 0 or hi.item() >= c.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {c.vocab_size}) (vocab_size), "
+                                 f"got values in [{lo.item()}, {hi.item()}]")
+            if token_type_ids is not None:
+                lo, hi = torch.aminmax(token_type_ids)
+                if lo.item() < 0 or hi.item() >= c.type_vocab_size:
+                    raise ValueError(f"token_type_ids must be in [0, {c.type_vocab_size}) (type_vocab_size), "
+                                     f"got values in [{lo.item()}, {hi.item()}]")
+
+
+class BertModel(BertPreTrainedModel):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> BertModelOutput:
+        self.check_inputs(input_ids, token_type_ids, attention_mask)
+        B, S = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = self.embeddings.token_type_ids[:, :S].expand(B, S)
+        attn_mask = None
+        if attention_mask is not None:
+            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys a query may attend to
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask)  # (B, S, H)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining heads
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        # The decoder's weight is the word-embedding matrix (tied by BertForPreTraining) and its bias is
+        # self.bias: HF's state dict lists both names for the same tensors.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))  # (..., V)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.cls.predictions.bias)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tie (V, H)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                masked_lm_positions=None, masked_lm_ids=None, masked_lm_weights=None,
+                next_sentence_label=None):
+        """Without labels: full logits (HF's outputs). With labels: the sparse pretraining loss.
+
+        masked_lm_positions/ids/weights: (B, P), padded; weights are 1.0 for real predictions, 0.0 for pad.
+        next_sentence_label: (B,), 1 = random next (Google's convention), 0 = is next.
+        """
+        out = self.bert(input_ids, token_type_ids, attention_mask)
+        nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
+        if masked_lm_positions is None:
+            return BertForPreTrainingOutput(
+                prediction_logits=self.cls.predictions(out.last_hidden_state),  # (B, S, V)
+                seq_relationship_logits=nsp_logits)
+        return self._pretraining_loss(out.last_hidden_state, nsp_logits, masked_lm_positions, masked_lm_ids,
+                                      masked_lm_weights, next_sentence_label)
+
+    def _pretraining_loss(self, hidden, nsp_logits, positions, ids, weights, nsp_label) -> PreTrainingLossOutput:
+        B, S, H = hidden.shape
+        if weights is None:
+            weights = torch.ones_like(ids, dtype=torch.float32)
+        # Sparse prediction: project to the vocabulary only at the P labelled positions (about 15% of S),
+        # which saves (1 - P/S) of the largest matmul: at S=128, P=20 that is 84% of 2*H*V FLOPs per token.
+        index = positions.long().unsqueeze(-1).expand(-1, -1, H)  # (B, P, H)
+        picked = torch.gather(hidden, 1, index)  # (B, P, H)
+        logits = self.cls.predictions(picked).float()  # (B, P, V), fp32 for a stable log-softmax
+        V = logits.shape[-1]
+        w = weights.float().reshape(-1)  # (B*P,)
+        token_loss = F.cross_entropy(logits.reshape(-1, V), ids.long().reshape(-1), reduction="none")
+        mlm_count = w.sum()
+        mlm_loss_sum = (token_loss * w).sum()
+        mlm_loss = mlm_loss_sum / mlm_count.clamp(min=1.0)
+        predictions = logits.argmax(-1)  # (B, P)
+        mlm_correct = ((predictions.reshape(-1) == ids.long().reshape(-1)).float() * w).sum()
+
+        nsp_label = nsp_label.long().reshape(-1)
+        nsp_token_loss = F.cross_entropy(nsp_logits.float(), nsp_label, reduction="none")  # (B,)
+        nsp_loss = nsp_token_loss.mean()
+        nsp_correct = (nsp_logits.argmax(-1) == nsp_label).float().sum()
+        nsp_count = torch.tensor(float(nsp_label.numel()), device=nsp_logits.device)
+        return PreTrainingLossOutput(
+            loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
+            mlm_acc=(mlm_correct / mlm_count.clamp(min=1.0)).detach(),
+            nsp_acc=(nsp_correct / nsp_count).detach(),
+            mlm_loss_sum=mlm_loss_sum.detach(), mlm_correct=mlm_correct.detach(), mlm_count=mlm_count.detach(),
+            nsp_loss_sum=nsp_token_loss.sum().detach(), nsp_correct=nsp_correct.detach(), nsp_count=nsp_count,
+            mlm_predictions=predictions.detach())
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """[CLS] pooled output -> dropout -> linear, as in the paper's GLUE fine-tuning (HF names)."""
+
+    def __init__(self, config: BertConfig, num_labels: int):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output  # (B, H)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float(), labels.long()), logits
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Unique parameters (tied tensors counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
