@@ -381,7 +381,17 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def _pretraining_loss(self, hidden, nsp_logits, positions, ids, weights, nsp_label) -> PreTrainingLossOutput:
         B, S, H = hidden.shape
-        if weights is None:
+        if ids is None or nsp_label is None:
+            raise ValueError("the pretraining loss needs masked_lm_positions, masked_lm_ids and next_sentence_label")
+        if positions.shape != ids.shape:
+            raise ValueError(f"masked_lm_positions shape {tuple(positions.shape)} != masked_lm_ids shape "
+                             f"{tuple(ids.shape)}")
+        if positions.numel():
+            lo, hi = torch.aminmax(positions)
+            if lo.item() < 0 or hi.item() >= S:
+                raise ValueError(f"masked_lm_positions must be in [0, {S}) (the batch's sequence length), "
+                                 f"got values in [{lo.item()}, {hi.item()}]")
+        if weights is None:  # no pad marker given: every slot is a real prediction
             weights = torch.ones_like(ids, dtype=torch.float32)
         # Sparse prediction: project to the vocabulary only at the P labelled positions (about 15% of S),
         # which saves (1 - P/S) of the largest matmul: at S=128, P=20 that is 84% of 2*H*V FLOPs per token.
