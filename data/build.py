@@ -404,6 +404,7 @@ def build(
             "examples": splits["train"]["samples"] + splits["valid"]["samples"],
             "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
             "random_next": stats["random_next"],
+            "forced_random_next": stats["forced_random_next"],
             "target_draws": stats["target_draws"],
             "short_target_draws": stats["short_target_draws"],
             "masked_as_mask": stats["masked_as_mask"],

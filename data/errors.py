@@ -21,6 +21,8 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `... | head`
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

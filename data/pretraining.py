@@ -96,8 +96,10 @@ def create_instances_from_document(
                 for j in range(a_end):
                     tokens_a.extend(current_chunk[j])
                 tokens_b: list[int] = []
-                if len(current_chunk) == 1 or rng.random() < 0.5:
+                forced = len(current_chunk) == 1
+                if forced or rng.random() < 0.5:
                     is_random_next = 1
+                    stats["forced_random_next"] += forced
                     target_b_length = target_seq_length - len(tokens_a)
                     # Google: up to 10 tries for another document; with a single-document pool the
                     # "random" B therefore comes from the same document (still labelled random).

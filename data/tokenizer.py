@@ -102,11 +102,14 @@ class BertTokenizer:
             a = a[:budget]
         else:
             na, nb = len(a), len(b)
-            while na + nb > budget:
-                if na > nb:
-                    na -= 1
+            if na + nb > budget:  # longest-first exactly as the Rust tokenizers (HF fast) do it
+                half = budget // 2
+                if na <= half:
+                    nb = budget - na
+                elif nb <= half:
+                    na = budget - nb
                 else:
-                    nb -= 1
+                    na, nb = half, budget - half
             a, b = a[:na], b[:nb]
         ids = [self.cls_id, *a, self.sep_id]
         types = [0] * len(ids)
@@ -194,6 +197,10 @@ def from_vocab_txt(path: str, lowercase: bool | None = None) -> BertTokenizer:
     vocab = _read_vocab_txt(path)
     if lowercase is None:
         lowercase = _guess_lowercase(vocab)
+    return _from_vocab_list(vocab, lowercase, path)
+
+
+def _from_vocab_list(vocab: list[str], lowercase: bool, path: str) -> BertTokenizer:
     if "[UNK]" not in vocab:
         raise DataError(f"{path}: special token [UNK] is missing from the vocabulary")
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
@@ -249,9 +256,11 @@ def train_tokenizer(
         continuing_subword_prefix="##", show_progress=show_progress,
     )
     tok.train_from_iterator(_batched(sentences), trainer=trainer)
-    bt = BertTokenizer.from_tokenizer(tok, "<trained>")
-    _set_post_processor(bt)
-    return bt
+    # The trainer's token *set* is deterministic but its id order is not (hash-map iteration):
+    # renumber canonically (specials first, then by length and text) so a retrain is byte-identical.
+    rest = [t for t in tok.get_vocab() if t not in SPECIAL_TOKENS]
+    rest.sort(key=lambda t: (t.startswith("##"), len(t), t))
+    return _from_vocab_list(list(SPECIAL_TOKENS) + rest, lowercase, "<trained>")
 
 
 def _batched(it: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
