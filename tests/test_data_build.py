@@ -220,7 +220,7 @@ def test_isnext_pairs_are_consecutive_text_and_valid_is_held_out(data_built, dat
                 i = d.find(a, i + 1)
         return False
 
-    for split, pool, other in (("train", train_docs, valid_docs), ("valid", valid_docs, train_docs)):
+    for split, pool in (("train", train_docs), ("valid", valid_docs)):
         exs = _all(data_built, split)
         checked = 0
         for ex in exs:

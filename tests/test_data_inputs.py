@@ -1,0 +1,249 @@
+"""Corpus readers, every bad-input case, interrupted builds, output-folder handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data import shards
+from data.build import build
+from data.build import main as build_main
+from data.corpus import CorpusOptions, iter_documents, python_docs_corpus
+from data.errors import DataError
+
+WIKI = [
+    {"id": 1, "text": "Alpha Centauri\n\nAlpha Centauri is a star system. It is close to the Sun.\n\n"
+                      "History\nThe system was known to ancient astronomers. Smith wrote about it."},
+    {"id": 2, "text": "Beta\nBeta is the second letter of the Greek alphabet. It follows alpha!\n"
+                      "Is it used in physics? Yes, it is."},
+    {"id": 3, "text": None},
+    {"id": 4, "text": "Gamma rays are energetic. They come from nuclei."},
+]
+
+
+def _kw(**over):
+    kw = dict(dupe_factor=2, valid_fraction=0.0, shard_size=500, block_docs=50, seed=1, progress=False,
+              workers=1)
+    kw.update(over)
+    return kw
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _cli(args, capsys):
+    rc = build_main(args)
+    return rc, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers
+# ------------------------------------------------------------------------------------------------
+def test_jsonl_and_parquet_records_are_cleaned_and_split(tmp_path):
+    jl = _write_jsonl(tmp_path / "wiki.jsonl", WIKI)
+    pq.write_table(pa.Table.from_pylist(WIKI), str(tmp_path / "wiki.parquet"))
+    for path in (jl, str(tmp_path / "wiki.parquet")):
+        stats = {}
+        docs = list(iter_documents(CorpusOptions([path]), stats))
+        assert docs[0] == ["Alpha Centauri is a star system.", "It is close to the Sun.",
+                           "The system was known to ancient astronomers.", "Smith wrote about it."]
+        assert docs[1] == ["Beta is the second letter of the Greek alphabet.", "It follows alpha!",
+                           "Is it used in physics?", "Yes, it is."]
+        assert len(docs) == 3
+        assert stats["headings_dropped"] == 3 and stats["records_without_text"] == 1
+    # a folder mixing formats is walked in sorted order; google: forces the text reader
+    (tmp_path / "g.txt").write_text("One.\nTwo.\n\nThree.\n", encoding="utf-8")
+    assert len(list(iter_documents(CorpusOptions([str(tmp_path)])))) == 3 + 3 + 2
+    # text: one document per line through datasets
+    (tmp_path / "lines.txt").write_text("First doc. Has two sentences.\nSecond doc.\n", encoding="utf-8")
+    docs = list(iter_documents(CorpusOptions(["text:" + str(tmp_path / "lines.txt")])))
+    assert docs == [["First doc.", "Has two sentences."], ["Second doc."]]
+
+
+def test_sentence_records_grouped_into_documents(tmp_path):
+    """The BookCorpus path (records are sentences, no boundaries), exercised on local jsonl."""
+    rows = [{"text": f"Sentence number {i}."} for i in range(23)]
+    path = _write_jsonl(tmp_path / "bookcorpus_like.jsonl", rows)
+    docs = list(iter_documents(CorpusOptions([path], sentences_per_doc=10)))
+    assert [len(d) for d in docs] == [10, 10, 3] and docs[2][0] == "Sentence number 20."
+    # automatic for names containing "bookcorpus": 50 per document
+    docs = list(iter_documents(CorpusOptions([path])))
+    assert [len(d) for d in docs] == [23]
+
+
+def test_python_docs_corpus_is_deterministic(tmp_path, data_corpus):
+    a = tmp_path / "a.txt"
+    assert python_docs_corpus(str(a), max_docs=1200) == 1200
+    assert a.read_bytes() == open(data_corpus, "rb").read()
+    docs = list(iter_documents(CorpusOptions([str(a)])))
+    assert len(docs) == 1200 and all(len(d) >= 2 for d in docs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear message naming the file, exit 2, nothing that looks complete
+# ------------------------------------------------------------------------------------------------
+def _base(tmp_path, data_tokenizer, inp):
+    out = tmp_path / "out"
+    return ["--input", str(inp), "--tokenizer", data_tokenizer, "--out", str(out), "--workers", "1",
+            "--no-progress", "--dupe-factor", "1", "--valid-fraction", "0"], out
+
+
+def _assert_failed(rc, err, out, *needles):
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not os.path.exists(out / "manifest.json")
+    assert not list(out.glob("*.tar")) if out.exists() else True
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_file", "blank_lines", "empty_folder", "binary",
+                                  "bad_parquet", "unknown_column", "bad_jsonl", "no_tokenizer"])
+def test_bad_inputs(case, tmp_path, data_tokenizer, capsys):
+    p = tmp_path / "in"
+    needles = []
+    if case == "missing":
+        needles = ["input not found", str(p)]
+    elif case == "empty_file":
+        p.write_bytes(b"")
+        needles = ["no documents", str(p)]
+    elif case == "blank_lines":
+        p.write_text("\n   \n\t\n", encoding="utf-8")
+        needles = ["no documents"]
+    elif case == "empty_folder":
+        p.mkdir()
+        needles = ["input folder is empty", str(p)]
+    elif case == "binary":
+        p.write_bytes(b"GIF89a\x00\x01\x02\xff" * 100)
+        needles = ["binary", str(p)]
+    elif case == "bad_parquet":
+        p = tmp_path / "broken.parquet"
+        p.write_bytes(b"this is not parquet at all")
+        needles = ["unreadable parquet", "broken.parquet"]
+    elif case == "unknown_column":
+        p = tmp_path / "recs.jsonl"
+        _write_jsonl(p, [{"body": "Some text here."}])
+        needles = ["recs.jsonl", "no column 'text'", "body"]
+    elif case == "bad_jsonl":
+        p = tmp_path / "recs.jsonl"
+        p.write_text('{"text": "ok"}\n{not json\n', encoding="utf-8")
+        needles = ["recs.jsonl"]
+    args, out = _base(tmp_path, data_tokenizer, p)
+    if case == "no_tokenizer":
+        p.write_text("A sentence.\n", encoding="utf-8")
+        args[3] = str(tmp_path / "no_tok")
+        needles = ["tokenizer not found", "no_tok"]
+    rc, err = _cli(args, capsys)
+    _assert_failed(rc, err, out, *needles)
+
+
+def test_bad_settings_are_refused(tmp_path, data_tokenizer, capsys):
+    inp = tmp_path / "c.txt"
+    inp.write_text("A b c.\nD e f.\n", encoding="utf-8")
+    args, out = _base(tmp_path, data_tokenizer, inp)
+    for extra, needle in ((["--max-seq-len", "4"], "--max-seq-len"),
+                          (["--masked-lm-prob", "1.5"], "--masked-lm-prob"),
+                          (["--slice-index", "3", "--num-slices", "2"], "--slice-index")):
+        rc, err = _cli(args + extra, capsys)
+        _assert_failed(rc, err, out, needle)
+
+
+def test_non_utf8_and_giant_lines_are_repaired_and_counted(tmp_path, data_tokenizer, capsys):
+    inp = tmp_path / "latin1.txt"
+    giant = ("word " * 10000).encode()
+    inp.write_bytes("Caf\xe9 au lait is nice.\nSecond sentence here.\n\n".encode("latin-1") + giant
+                    + b"\nAnother normal sentence.\n")
+    args, out = _base(tmp_path, data_tokenizer, inp)
+    rc, err = _cli(args + ["--max-line-chars", "1000"], capsys)
+    assert rc == 0, err
+    m = shards.read_manifest(str(out))
+    assert m["stats"]["repaired"] == {"non_utf8_lines": 1, "giant_lines_cut": 1}
+    assert "non_utf8_lines 1" in err and "giant_lines_cut 1" in err
+    assert m["stats"]["documents"] == 2
+
+
+def test_single_document_and_one_sentence_documents(tmp_path, data_tokenizer):
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(f"This is sentence {i} of the only document." for i in range(40)) + "\n")
+    m = build([str(one)], data_tokenizer, str(tmp_path / "o1"), **_kw())
+    assert m["stats"]["documents"] == 1 and m["splits"]["train"]["samples"] > 5
+    exs = list(shards.iter_examples(str(tmp_path / "o1")))
+    assert {e["next_sentence_label"] for e in exs} == {0, 1}  # random next drawn from the same doc
+    singles = tmp_path / "singles.txt"
+    singles.write_text("".join(f"Lonely sentence number {i} stands alone.\n\n" for i in range(30)))
+    m = build([str(singles)], data_tokenizer, str(tmp_path / "o2"), **_kw())
+    assert m["stats"]["one_sentence_documents"] == 30
+    exs = list(shards.iter_examples(str(tmp_path / "o2")))
+    assert exs and all(e["next_sentence_label"] == 1 for e in exs)  # 1-segment chunks: forced
+    assert m["stats"]["forced_random_next"] == len(exs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Interrupted builds, reruns, existing outputs
+# ------------------------------------------------------------------------------------------------
+def _complete_tar(path):
+    with tarfile.open(path) as tf:
+        return len(tf.getmembers())
+
+
+def test_interrupted_build_leaves_nothing_complete_and_rerun_restarts(tmp_path, data_corpus,
+                                                                      data_tokenizer, data_build_kw,
+                                                                      data_built):
+    out = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build([data_corpus], data_tokenizer, str(out), workers=1, _crash_after_shards=2, **data_build_kw)
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp"))
+    assert len(list(out.glob("*.tar"))) == 2 and all(_complete_tar(p) == 1500 for p in out.glob("*.tar"))
+    with pytest.raises(DataError, match="manifest.json: manifest not found"):
+        shards.read_manifest(str(out))
+    build([data_corpus], data_tokenizer, str(out), workers=1, **data_build_kw)
+    ref = {f: open(os.path.join(data_built, f), "rb").read() for f in os.listdir(data_built)
+           if f.endswith((".tar", ".json"))}
+    got = {f: open(out / f, "rb").read() for f in os.listdir(out) if f.endswith((".tar", ".json"))}
+    assert got == ref
+
+
+def test_killed_build_process(tmp_path, data_corpus, data_tokenizer):
+    """SIGKILL mid-build: no manifest; a .tmp shard may remain but never a complete-looking one."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "data.build", "--input", data_corpus, "--tokenizer", data_tokenizer,
+           "--out", str(out), "--workers", "1", "--dupe-factor", "40", "--shard-size", "100000",
+           "--no-progress", "--block-docs", "50"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and list(out.glob("*.tmp"))):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob("train-*.tar.tmp")) and not list(out.glob("train-*.tar"))
+    # rerun restarts cleanly (small settings to keep the test fast)
+    rc = build_main(["--input", data_corpus, "--tokenizer", data_tokenizer, "--out", str(out),
+                     "--workers", "1", "--dupe-factor", "1", "--no-progress"])
+    assert rc == 0 and not list(out.glob("*.tmp")) and shards.read_manifest(str(out))
+
+
+def test_existing_output_folder(tmp_path, data_tokenizer, capsys):
+    inp = tmp_path / "c.txt"
+    inp.write_text("".join(f"Doc {i} first sentence.\nDoc {i} second sentence.\n\n" for i in range(20)))
+    out = str(tmp_path / "o")
+    m1 = build([str(inp)], data_tokenizer, out, **_kw())
+    assert build([str(inp)], data_tokenizer, out, **_kw()) == m1  # same settings: nothing to do
+    assert "already built" in capsys.readouterr().err
+    with pytest.raises(DataError, match="different build"):
+        build([str(inp)], data_tokenizer, out, **_kw(seed=2))
+    m2 = build([str(inp)], data_tokenizer, out, overwrite=True, **_kw(seed=2))
+    assert m2["settings"]["seed"] == 2 and shards.read_manifest(out)["settings"]["seed"] == 2
