@@ -66,9 +66,9 @@ def test_jsonl_and_parquet_records_are_cleaned_and_split(tmp_path):
     (tmp_path / "g.txt").write_text("One.\nTwo.\n\nThree.\n", encoding="utf-8")
     assert len(list(iter_documents(CorpusOptions([str(tmp_path)])))) == 3 + 3 + 2
     # text: one document per line through datasets
-    (tmp_path / "lines.txt").write_text("First doc. Has two sentences.\nSecond doc.\n", encoding="utf-8")
+    (tmp_path / "lines.txt").write_text("The first record is here. It has two sentences.\nA second record.\n", encoding="utf-8")
     docs = list(iter_documents(CorpusOptions(["text:" + str(tmp_path / "lines.txt")])))
-    assert docs == [["First doc.", "Has two sentences."], ["Second doc."]]
+    assert docs == [["The first record is here.", "It has two sentences."], ["A second record."]]
 
 
 def test_sentence_records_grouped_into_documents(tmp_path):
