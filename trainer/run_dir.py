@@ -1,0 +1,332 @@
+"""Load a trained model back from a run directory (or a Hugging Face directory) on one process.
+
+A run directory is what the training loop writes (CONTRACTS.md, "Run directory")::
+
+    RUN_DIR/model_config.json      BertConfig.to_dict()
+    RUN_DIR/ds_config.json         resolved DeepSpeed config (micro batch, precision used for validation)
+    RUN_DIR/tokenizer/             copy of the shards' tokenizer
+    RUN_DIR/checkpoints/latest     name of the newest tag
+    RUN_DIR/checkpoints/<tag>/     DeepSpeed checkpoint: mp_rank_00_model_states.pt (+ client_state),
+                                   *_optim_states.pt (one per data-parallel rank under ZeRO)
+
+The weights are consolidated to fp32 with DeepSpeed's own API (`get_fp32_state_dict_from_zero_checkpoint`),
+which merges the per-rank fp32 master partitions of any ZeRO stage and any rank count in one CPU process.
+Without ZeRO files (stage 0) the fp32 master copy of DeepSpeed's fp16/bf16 optimizer is unflattened, or,
+for plain fp32 training, the module weights are taken as they are. Either way the result is checked
+against the module weights stored next to it (master rounded to the training dtype must equal them), so a
+consolidation that mixes up parameters cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from bert import BertConfig, BertForPreTraining
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# Tied aliases (same tensor, second name) in BertForPreTraining's state dict. bert.hf.TIED_KEYS is the
+# same table; it is imported lazily there so this module does not need safetensors at import time.
+_TIED_ALIASES = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+# Field of tokenizer_config.json in an exported HF directory that records the pretraining tokenizer.
+HF_FINGERPRINT_FIELD = "bert_fingerprint"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunDirError(Exception):
+    """A run/HF directory is missing something or is inconsistent (the message names the file)."""
+
+
+@dataclass
+class RunMeta:
+    """Where the weights came from and what the pretraining run recorded about them."""
+
+    path: str  # the run directory or HF directory given
+    kind: str  # "run" or "hf"
+    tokenizer_dir: str
+    tokenizer_fingerprint: str  # the fingerprint of the tokenizer the model was pretrained with
+    fingerprint_recorded: bool  # False: an HF dir without our field (the dir's own tokenizer is assumed)
+    tag: str | None = None
+    checkpoint_dir: str | None = None
+    step: int | None = None
+    max_seq_len: int | None = None
+    ds_config: dict | None = None
+    consolidation: str = ""  # how fp32 weights were obtained (for the log line)
+    client_state: dict = field(default_factory=dict, repr=False)
+
+    def eval_micro_batch(self) -> int | None:
+        """The micro batch the run validated with (train_micro_batch_size_per_gpu of its DeepSpeed config)."""
+        if not self.ds_config:
+            return None
+        return self.ds_config.get("train_micro_batch_size_per_gpu")
+
+    def eval_dtype(self) -> str:
+        """The precision the run's engine held its module in: bf16 / fp16 if enabled, else fp32."""
+        cfg = self.ds_config or {}
+        for name in ("bf16", "fp16"):
+            if (cfg.get(name) or {}).get("enabled") is True:
+                return name
+        return "fp32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Small readers
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise RunDirError(f"{path}: missing ({what})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "model_config.json"))
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def resolve_tag(checkpoints_dir: str, tag: str | None) -> str:
+    """`tag` if given (must exist), else the content of checkpoints/latest."""
+    if not os.path.isdir(checkpoints_dir):
+        raise RunDirError(f"{checkpoints_dir}: no checkpoints directory (has the run saved a checkpoint yet?)")
+    available = sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
+    if tag is None:
+        latest = os.path.join(checkpoints_dir, "latest")
+        if not os.path.isfile(latest):
+            raise RunDirError(f"{latest}: missing; pass --tag (available tags: {available or 'none'})")
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if not tag:
+            raise RunDirError(f"{latest}: empty; pass --tag (available tags: {available or 'none'})")
+    if tag not in available:
+        raise RunDirError(f"{checkpoints_dir}: no checkpoint tag {tag!r} (available tags: {available or 'none'})")
+    return tag
+
+
+def model_states_file(ckpt_dir: str) -> str:
+    """Rank 0's model-states file: mp_rank_00_model_states.pt (stages 0-2) or
+    zero_pp_rank_0_mp_rank_00_model_states.pt (stage 3, one per rank)."""
+    for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            return path
+    found = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    raise RunDirError(f"{os.path.join(ckpt_dir, MODEL_STATES)}: missing (not a DeepSpeed checkpoint; "
+                      f"the folder holds {found})")
+
+
+def read_model_states(ckpt_dir: str) -> dict:
+    """DeepSpeed's model-states file: module weights, param_shapes, optimizer (stage 0), and the
+    client_state keys at top level. Needs weights_only=False: DeepSpeed pickles its own objects in it."""
+    return torch.load(model_states_file(ckpt_dir), map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consolidation
+
+
+def _unflatten_master(states: dict, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Stage 0 with fp16/bf16: DeepSpeed's FP16_Optimizer keeps one flat fp32 master tensor per param
+    group (`fp32_groups_flat`, a plain concatenation in group order, no padding). The group's parameter
+    order is `param_shapes` when saved; DeepSpeed leaves it None at stage 0, and then a single group holding
+    every parameter is in `model.parameters()` order (what the optimizer was built from). Several groups
+    without param_shapes cannot be attributed: None (the caller falls back to the module weights).
+    The caller verifies the result against the stored module weights either way."""
+    opt = states.get("optimizer")
+    if not isinstance(opt, dict) or "fp32_groups_flat" not in opt:
+        return None
+    flats = opt["fp32_groups_flat"]
+    shapes = states.get("param_shapes")
+    if not shapes:
+        named = list(model.named_parameters())  # tied parameters listed once, as the optimizer saw them
+        if len(flats) != 1 or flats[0].numel() != sum(p.numel() for _, p in named):
+            return None
+        shapes = [{name: p.shape for name, p in named}]
+    elif isinstance(shapes, dict):
+        shapes = [shapes]
+    if len(flats) != len(shapes):
+        raise RunDirError(f"fp32_groups_flat has {len(flats)} groups but param_shapes {len(shapes)}")
+    out = {}
+    for flat, group in zip(flats, shapes):
+        offset = 0
+        for name, shape in group.items():
+            n = int(torch.Size(shape).numel())
+            out[name] = flat[offset: offset + n].view(shape).clone().float()
+            offset += n
+        if offset != flat.numel():
+            raise RunDirError(f"fp32_groups_flat group has {flat.numel()} elements, param_shapes sum to {offset}")
+    return out
+
+
+def consolidate_fp32(checkpoints_dir: str, tag: str, states: dict,
+                     model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Full fp32 state dict of checkpoints_dir/tag (any ZeRO stage, any rank count) and how it was made.
+    `model` is a freshly built instance of the checkpoint's architecture (parameter order at stage 0)."""
+    ckpt_dir = os.path.join(checkpoints_dir, tag)
+    if glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed prints progress to stdout; keep stdout for our result lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                sd = get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag)
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                raise RunDirError(f"{ckpt_dir}: cannot consolidate ZeRO checkpoint: {e}") from None
+        n_files = len(glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")))
+        return {k: v.float() for k, v in sd.items()}, f"zero_to_fp32 ({n_files} rank file(s))"
+    master = _unflatten_master(states, model)
+    if master is not None:
+        return master, "fp32 master of DeepSpeed's fp16/bf16 optimizer (stage 0)"
+    module = states.get("module")
+    if not isinstance(module, dict) or not module:
+        raise RunDirError(f"{ckpt_dir}: no ZeRO optimizer files and no module weights in {MODEL_STATES}")
+    dtypes = {v.dtype for v in module.values() if v.is_floating_point()}
+    if dtypes != {torch.float32}:
+        log.warning("%s: module weights are %s and no fp32 master copy was saved; upcasting",
+                    ckpt_dir, sorted(map(str, dtypes)))
+    return {k: v.float() for k, v in module.items()}, "module weights (stage 0)"
+
+
+def _check_against_module(sd: dict[str, torch.Tensor], states: dict, where: str) -> None:
+    """fp32 master rounded to the stored module's dtype must equal the module weights (stages 0-2 store
+    full module tensors; ZeRO-3 stores empty placeholders, which are skipped)."""
+    module = states.get("module") or {}
+    bad = []
+    for name, stored in module.items():
+        if name not in sd or stored.numel() == 0 or stored.numel() != sd[name].numel():
+            continue
+        if not torch.equal(sd[name].to(stored.dtype).view(stored.shape), stored):
+            bad.append(name)
+    if bad:
+        raise RunDirError(f"{where}: consolidated fp32 weights disagree with the saved module weights for "
+                          f"{len(bad)} tensor(s), e.g. {bad[:3]}; the checkpoint is inconsistent")
+
+
+def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load after filling tied aliases (checkpoints store one name per shared tensor)."""
+    sd = dict(sd)
+    for alias, target in _TIED_ALIASES.items():
+        if alias not in sd and target in sd:
+            sd[alias] = sd[target]
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise RunDirError(f"{where}: checkpoint does not match {type(model).__name__}:\n"
+                          f"  missing keys: {missing}\n  unexpected keys: {unexpected}")
+    model.load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_run(run_dir: str, tag: str | None = None):
+    """(BertForPreTraining in fp32 eval mode, BertTokenizer, RunMeta) from a training run directory."""
+    from data.tokenizer import load_tokenizer
+
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise RunDirError(f"{run_dir}: not a directory (expected a training run directory)")
+    checkpoints_dir = os.path.join(run_dir, "checkpoints")
+    tag = resolve_tag(checkpoints_dir, tag)
+    ckpt_dir = os.path.join(checkpoints_dir, tag)
+    states = read_model_states(ckpt_dir)
+
+    cfg_path = os.path.join(run_dir, "model_config.json")
+    if os.path.isfile(cfg_path):
+        cfg_dict = _read_json(cfg_path, "BertConfig of the run")
+    elif isinstance(states.get("model_config"), dict):
+        cfg_dict = states["model_config"]
+    else:
+        raise RunDirError(f"{cfg_path}: missing, and the checkpoint's client_state has no model_config")
+    try:
+        config = BertConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise RunDirError(f"{cfg_path}: {e}") from None
+
+    ds_path = os.path.join(run_dir, "ds_config.json")
+    ds_config = _read_json(ds_path, "DeepSpeed config") if os.path.isfile(ds_path) else states.get("ds_config")
+
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    recorded = states.get("tokenizer_fingerprint")
+    if recorded is None:
+        raise RunDirError(f"{model_states_file(ckpt_dir)}: client_state has no tokenizer_fingerprint")
+    if tokenizer.fingerprint != recorded:
+        raise RunDirError(f"{tok_dir}: tokenizer fingerprint {tokenizer.fingerprint} differs from the one the "
+                          f"checkpoint was trained with ({recorded}); the run's tokenizer/ was replaced")
+
+    model = BertForPreTraining(config)
+    sd, how = consolidate_fp32(checkpoints_dir, tag, states, model)
+    _check_against_module(sd, states, ckpt_dir)
+    load_state_into(model, sd, ckpt_dir)
+    model.eval()
+
+    client_keys = ("step", "samples_seen", "tokens_seen", "world_size", "run_config", "model_config",
+                   "ds_config", "tokenizer_fingerprint", "max_seq_len", "format_version")
+    meta = RunMeta(path=run_dir, kind="run", tokenizer_dir=tok_dir, tokenizer_fingerprint=recorded,
+                   fingerprint_recorded=True, tag=tag, checkpoint_dir=ckpt_dir, step=states.get("step"),
+                   max_seq_len=states.get("max_seq_len"), ds_config=ds_config, consolidation=how,
+                   client_state={k: states[k] for k in client_keys if k in states})
+    return model, tokenizer, meta
+
+
+def load_hf(hf_dir: str):
+    """(BertForPreTraining, BertTokenizer, RunMeta) from an HF directory (ours via export_hf, or Google's).
+    The pretraining fingerprint is tokenizer_config.json's `bert_fingerprint` when we exported it;
+    otherwise the directory's own tokenizer is all there is and it is taken as the pretraining one."""
+    from bert.hf import from_hf
+    from data.tokenizer import load_tokenizer
+
+    hf_dir = os.fspath(hf_dir)
+    try:
+        model = from_hf(hf_dir)
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
+    tokenizer = load_tokenizer(hf_dir)
+    tc_path = os.path.join(hf_dir, "tokenizer_config.json")
+    recorded = None
+    if os.path.isfile(tc_path):
+        recorded = _read_json(tc_path, "tokenizer config").get(HF_FINGERPRINT_FIELD)
+    if recorded is not None and recorded != tokenizer.fingerprint:
+        raise RunDirError(f"{hf_dir}: tokenizer files have fingerprint {tokenizer.fingerprint} but "
+                          f"{tc_path} records the pretraining tokenizer as {recorded}; the files were replaced")
+    model.eval()
+    meta = RunMeta(path=hf_dir, kind="hf", tokenizer_dir=hf_dir,
+                   tokenizer_fingerprint=recorded or tokenizer.fingerprint,
+                   fingerprint_recorded=recorded is not None, consolidation="hf safetensors")
+    return model, tokenizer, meta
+
+
+def load_pretrained(path: str, tag: str | None = None):
+    """A run directory or an HF directory, whichever `path` is."""
+    path = os.fspath(path)
+    if is_run_dir(path):
+        return load_run(path, tag)
+    if tag is not None:
+        raise RunDirError(f"{path}: --tag applies to run directories only (this is not one)")
+    if is_hf_dir(path):
+        return load_hf(path)
+    raise RunDirError(f"{path}: neither a run directory (checkpoints/, model_config.json) nor a "
+                      f"Hugging Face directory (config.json)")
