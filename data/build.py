@@ -57,6 +57,9 @@ def _init_worker(tokenizer_json: str, params: Params, valid_fraction: float, cor
     from tokenizers import Tokenizer
 
     tok = BertTokenizer.from_tokenizer(Tokenizer.from_str(tokenizer_json))
+    # Corpus text that spells "[SEP]" or "[MASK]" is text, not a special token (as in Google's
+    # tokenizer, which never matches special tokens inside raw text).
+    tok.tokenizer.encode_special_tokens = True
     cont = np.fromiter((t.startswith("##") for t in tok.vocab), bool, tok.vocab_size)
     _W.update(tok=tok, params=params, valid_fraction=valid_fraction, corpus=corpus, is_cont=cont,
               id_code=shards.id_dtype_code(tok.vocab_size),

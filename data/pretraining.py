@@ -11,6 +11,7 @@ then per chosen wordpiece 80% [MASK] / 10% kept / 10% random id from the whole v
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -171,7 +172,7 @@ def mask_instances(inst: Instances, p: Params, rng: np.random.Generator, vocab_s
     offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     total = int(offsets[-1])
-    tokens = np.fromiter((x for t in inst.tokens for x in t), np.int64, total)
+    tokens = np.fromiter(itertools.chain.from_iterable(inst.tokens), np.int64, total)
     inst_of = np.repeat(np.arange(len(lens)), lens)
     pos_in = np.arange(total) - np.repeat(offsets[:-1], lens)
     cand = (tokens != cls_id) & (tokens != sep_id)

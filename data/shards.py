@@ -80,6 +80,7 @@ def _header_template() -> bytearray:
 
 
 _TEMPLATE = bytes(_header_template())
+_TEMPLATE_SUM = sum(_TEMPLATE)  # name and size fields are zero in the template
 TAR_EOF = b"\0" * 1024
 
 
@@ -88,12 +89,11 @@ def tar_member(name: str, data: bytes) -> bytes:
     nb = name.encode("ascii")
     if len(nb) > 99:
         raise ValueError(f"tar member name too long: {name}")
-    h = bytearray(_TEMPLATE)
-    h[0:len(nb)] = nb
-    h[124:136] = b"%011o\0" % len(data)
-    h[148:156] = b"%06o\0 " % sum(h)
+    size = b"%011o\0" % len(data)
+    chk = b"%06o\0 " % (_TEMPLATE_SUM + sum(nb) + sum(size))
     pad = (-len(data)) % 512
-    return b"".join((h, data, b"\0" * pad))
+    return b"".join((nb, _TEMPLATE[len(nb):124], size, _TEMPLATE[136:148], chk, _TEMPLATE[156:],
+                     data, b"\0" * pad))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -247,3 +248,15 @@ def test_existing_output_folder(tmp_path, data_tokenizer, capsys):
         build([str(inp)], data_tokenizer, out, **_kw(seed=2))
     m2 = build([str(inp)], data_tokenizer, out, overwrite=True, **_kw(seed=2))
     assert m2["settings"]["seed"] == 2 and shards.read_manifest(out)["settings"]["seed"] == 2
+
+
+def test_special_token_spellings_in_text_stay_text(tmp_path, data_tokenizer):
+    inp = tmp_path / "c.txt"
+    inp.write_text("".join(f"Doc {i} says [SEP] and [MASK] and [CLS] literally.\nSecond line [PAD] {i}.\n\n"
+                           for i in range(20)))
+    out = str(tmp_path / "o")
+    build([str(inp)], data_tokenizer, out, **_kw())
+    for ex in shards.iter_examples(out):
+        r = ex["input_ids"].copy()
+        r[ex["masked_lm_positions"]] = ex["masked_lm_ids"]
+        assert (r == 3).sum() == 2 and (r == 2).sum() == 1 and not np.isin(r, [0, 4]).any()
