@@ -44,6 +44,8 @@ from data.tokenizer import BertTokenizer, load_tokenizer
 DEFAULT_SHARD_SIZE = 10000
 DEFAULT_BLOCK_DOCS = 1000
 DEFAULT_BLOCK_CHARS = 8_000_000
+SKIP_REASONS = ("empty_documents", "empty_sentences", "headings_dropped", "records_without_text",
+                "empty_inputs")
 _SHARD_RE = re.compile(r"^(train|valid)-\d+\.tar(\.tmp)?$")
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,9 +388,7 @@ def build(
 
     tok.save(os.path.join(out, "tokenizer"))
     splits = {s: writers[s].summary() for s in shards.SPLITS}
-    skipped = {k: v for k, v in sorted({**reader_stats, **stats}.items())
-               if k in ("empty_documents", "empty_sentences", "headings_dropped",
-                        "records_without_text", "empty_inputs")}
+    skipped = {k: reader_stats[k] + stats[k] for k in SKIP_REASONS}
     fixed = {k: reader_stats[k] + stats[k] for k in ("non_utf8_lines", "giant_lines_cut")}
     manifest = {
         "format_version": shards.FORMAT_VERSION,
