@@ -54,8 +54,13 @@ _SHARD_RE = re.compile(r"^(train|valid)-\d+\.tar(\.tmp)?$")
 _W: dict = {}  # per-process worker state: tokenizer and settings (set once by _init_worker)
 
 
-def _init_worker(tokenizer_json: str, params: Params, valid_fraction: float, corpus: dict) -> None:
+def _init_worker(tokenizer_json: str, params: Params, valid_fraction: float, corpus: dict,
+                 in_pool: bool = False) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: measure per-core honestly
+    if in_pool:  # Ctrl-C is handled once, by the main process (no traceback per worker)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenizers import Tokenizer
 
     tok = BertTokenizer.from_tokenizer(Tokenizer.from_str(tokenizer_json))
@@ -178,7 +183,7 @@ def _ordered_bounded_map(fn, tasks: Iterable, workers: int, initargs: tuple, pre
     import multiprocessing as mp
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs, True)) as pool:
         pending: collections.deque = collections.deque()
         for t in tasks:
             pending.append(pool.apply_async(fn, (t,)))
@@ -374,9 +379,11 @@ def build(
                     x["samples"] for x in writers["train"].shards), refresh=False)
         for w in writers.values():
             w.close_shard()
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, DataError):  # bad input: remove what was written, the user must fix it
+            _clean_out_dir(out)
         raise
     finally:
         if pbar is not None:

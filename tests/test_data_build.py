@@ -367,3 +367,18 @@ def test_merge_cli(tmp_path, data_corpus, data_tokenizer, data_build_kw, capsys)
     assert shards.read_manifest(str(tmp_path / "m"))["settings"]["merged_slices"] == 2
     assert build_main(["merge", str(tmp_path / "m2"), str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vocab_size,max_len", [(200, 128), (30522, 512), (100000, 128), (250000, 1024)])
+def test_record_roundtrip_all_dtypes(vocab_size, max_len):
+    rng = np.random.default_rng(0)
+    n = min(max_len, 300)
+    ids = rng.integers(0, vocab_size, n)
+    pos = np.sort(rng.choice(np.arange(1, n - 1), 7, replace=False))
+    idc, pc = shards.id_dtype_code(vocab_size), shards.pos_dtype_code(max_len)
+    rec = shards.encode_record(ids, 5, pos, ids[pos], 1, idc, pc)
+    assert len(rec) == 8 + n * [1, 2, 4][idc] + 7 * ([1, 2][pc] + [1, 2, 4][idc])
+    d = shards.decode_sample({"__key__": "k", "bin": shards.tar_member("k.bin", rec)[512:512 + len(rec)]})
+    assert np.array_equal(d["input_ids"], ids) and np.array_equal(d["masked_lm_positions"], pos)
+    assert np.array_equal(d["masked_lm_ids"], ids[pos]) and d["next_sentence_label"] == 1
+    assert d["segment_ids"].tolist() == [0] * 6 + [1] * (n - 6)
