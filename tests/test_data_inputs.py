@@ -260,3 +260,23 @@ def test_special_token_spellings_in_text_stay_text(tmp_path, data_tokenizer):
         r = ex["input_ids"].copy()
         r[ex["masked_lm_positions"]] = ex["masked_lm_ids"]
         assert (r == 3).sum() == 2 and (r == 2).sum() == 1 and not np.isin(r, [0, 4]).any()
+
+
+def test_build_with_google_layout_vocab_txt(tmp_path, data_tokenizer):
+    """An existing vocab.txt works as --tokenizer; special ids come from it ([CLS]=101 ...)."""
+    from data.tokenizer import load_tokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    rest = [t for t in load_tokenizer(data_tokenizer).vocab if t not in specials]
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + specials[1:] + rest
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    inp = tmp_path / "c.txt"
+    inp.write_text("".join(f"Document {i} opens here.\nIt continues with more words.\n\n" for i in range(30)))
+    out = str(tmp_path / "o")
+    m = build([str(inp)], str(tmp_path / "vocab.txt"), out, **_kw())
+    assert {k: m["tokenizer"][k] for k in ("pad_id", "unk_id", "cls_id", "sep_id", "mask_id")} == {
+        "pad_id": 0, "unk_id": 100, "cls_id": 101, "sep_id": 102, "mask_id": 103}
+    exs = list(shards.iter_examples(out))
+    assert exs and all(e["input_ids"][0] == 101 and e["input_ids"][-1] == 102 for e in exs)
+    assert any((e["input_ids"] == 103).any() for e in exs)
+    assert load_tokenizer(out + "/tokenizer").fingerprint == m["tokenizer"]["fingerprint"]
