@@ -232,36 +232,42 @@ def _read_hf(target: str, opts: CorpusOptions, stats) -> Iterator[RawDoc]:
 
 
 def _records_to_docs(ds, source: str, column: str, per_doc: int, stats) -> Iterator[RawDoc]:
-    """Records -> RawDocs. per_doc > 0: records are sentences, grouped per_doc at a time."""
-    it = iter(ds)
+    """Records -> RawDocs. per_doc > 0: records are sentences, grouped per_doc at a time.
+
+    Batched iteration (``IterableDataset.iter``) reads only the text column and is ~2x faster than
+    per-record dicts; the main process does this, so it bounds the builder's scaling.
+    """
+    it = iter(ds.iter(batch_size=1000))
     group: list[str] = []
     n = 0
     while True:
         try:
-            rec = next(it)
+            batch = next(it)
         except StopIteration:
             break
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - pyarrow/json errors surface while iterating
-            raise DataError(f"{source}: cannot read record {n}: {type(e).__name__}: {e}") from None
-        if n == 0 and column not in rec:
-            raise DataError(f"{source}: no column {column!r} (columns: {', '.join(map(str, rec))}); "
+            raise DataError(f"{source}: cannot read records after record {n}: "
+                            f"{type(e).__name__}: {e}") from None
+        if n == 0 and column not in batch:
+            raise DataError(f"{source}: no column {column!r} (columns: {', '.join(map(str, batch))}); "
                             f"pass --text-column")
-        n += 1
-        text = rec.get(column)
-        if not isinstance(text, str):
-            _bump(stats, "records_without_text")
-            continue
-        if per_doc:
-            text = text.strip()
-            if text:
-                group.append(text)
-            if len(group) >= per_doc:
-                yield (PRESPLIT, group)
-                group = []
-        else:
-            yield (RAW, text)
+        texts = batch[column]
+        n += len(texts)
+        for text in texts:
+            if not isinstance(text, str):
+                _bump(stats, "records_without_text")
+                continue
+            if per_doc:
+                text = text.strip()
+                if text:
+                    group.append(text)
+                if len(group) >= per_doc:
+                    yield (PRESPLIT, group)
+                    group = []
+            else:
+                yield (RAW, text)
     if per_doc and group:
         yield (PRESPLIT, group)
     if n == 0:
