@@ -366,8 +366,9 @@ def build(
     cpu = 0.0
     initargs = (tok.tokenizer.to_str(), params, valid_fraction, {
         "max_line_chars": max_line_chars, "drop_headings": drop_headings})
+    results = _ordered_bounded_map(process_block, blocks, workers, initargs, prefetch=2)
     try:
-        for res in _ordered_bounded_map(process_block, blocks, workers, initargs, prefetch=2):
+        for res in results:
             for s in shards.SPLITS:
                 writers[s].add(*res[s])
             stats.update(res["stats"])
@@ -386,6 +387,7 @@ def build(
             _clean_out_dir(out)
         raise
     finally:
+        results.close()  # stops the worker pool now, also on errors
         if pbar is not None:
             pbar.close()
 
