@@ -36,7 +36,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from data import shards
-from data.corpus import CorpusOptions, RawDoc, add_corpus_args, iter_raw_documents, prepare_document
+from data.corpus import (CorpusOptions, RawDoc, add_corpus_args, iter_raw_documents, prepare_document,
+                         resolve_spec)
 from data.errors import DataError, run_main
 from data.pretraining import Params, create_instances, derive_seed, mask_instances
 from data.tokenizer import BertTokenizer, load_tokenizer
@@ -322,6 +323,8 @@ def build(
     }
     tok_meta = {k: v for k, v in tok.meta().items()}
 
+    for spec in inputs:  # a missing input fails before the output folder is touched
+        resolve_spec(spec)
     os.makedirs(out, exist_ok=True)
     mpath = os.path.join(out, shards.MANIFEST)
     if os.path.exists(mpath):
@@ -333,14 +336,14 @@ def build(
             print(f"{out}: already built with these settings and tokenizer; nothing to do",
                   file=sys.stderr)
             return old
-        if not overwrite:
+        if old is not None and not overwrite:
             raise DataError(f"{mpath}: the folder holds a different build; pass --overwrite "
                             f"or choose another --out")
-        os.remove(mpath)  # from here on the folder no longer looks complete
+        os.remove(mpath)  # (or it was unreadable) from here on the folder no longer looks complete
     _clean_out_dir(out)  # leftovers of an interrupted build: restart cleanly
 
     reader_stats: dict = collections.Counter()
-    raws = iter_raw_documents(copts, reader_stats)  # validates every path before any work
+    raws = iter_raw_documents(copts, reader_stats)
     pbar = None
     if progress:
         from tqdm import tqdm

@@ -280,3 +280,18 @@ def test_build_with_google_layout_vocab_txt(tmp_path, data_tokenizer):
     assert exs and all(e["input_ids"][0] == 101 and e["input_ids"][-1] == 102 for e in exs)
     assert any((e["input_ids"] == 103).any() for e in exs)
     assert load_tokenizer(out + "/tokenizer").fingerprint == m["tokenizer"]["fingerprint"]
+
+
+def test_unreadable_manifest_restarts_and_missing_input_touches_nothing(tmp_path, data_tokenizer, capsys):
+    inp = tmp_path / "c.txt"
+    inp.write_text("".join(f"Doc {i} first sentence.\nDoc {i} second sentence.\n\n" for i in range(20)))
+    out = tmp_path / "o"
+    m1 = build([str(inp)], data_tokenizer, str(out), **_kw())
+    (out / "manifest.json").write_text('{"format_version": 1, "tokeni')  # torn write
+    with pytest.raises(DataError, match="not valid JSON"):
+        shards.read_manifest(str(out))
+    assert build([str(inp)], data_tokenizer, str(out), **_kw()) == m1
+    before = sorted(os.listdir(out))
+    args = ["--input", str(tmp_path / "typo.txt"), "--tokenizer", data_tokenizer, "--out", str(out)]
+    assert build_main(args) == 2 and "typo.txt" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before and shards.read_manifest(str(out)) == m1
