@@ -382,3 +382,25 @@ def test_record_roundtrip_all_dtypes(vocab_size, max_len):
     assert np.array_equal(d["input_ids"], ids) and np.array_equal(d["masked_lm_positions"], pos)
     assert np.array_equal(d["masked_lm_ids"], ids[pos]) and d["next_sentence_label"] == 1
     assert d["segment_ids"].tolist() == [0] * 6 + [1] * (n - 6)
+
+
+def test_parallel_map_is_ordered_and_bounded(data_tokenizer):
+    """Memory bound: never more than workers + prefetch blocks pulled ahead of what was written."""
+    from data.build import _ordered_bounded_map
+
+    tok = load_tokenizer(data_tokenizer)
+    pulled = [0]
+    ahead = []
+
+    def tasks():
+        for i in range(40):
+            pulled[0] += 1
+            yield -i
+
+    initargs = (tok.tokenizer.to_str(), Params(), 0.0, {"max_line_chars": 100, "drop_headings": True})
+    got = []
+    for r in _ordered_bounded_map(abs, tasks(), 2, initargs, prefetch=2):
+        ahead.append(pulled[0] - len(got))
+        got.append(r)
+    assert got == list(range(40))
+    assert max(ahead) <= 2 + 2
