@@ -226,10 +226,10 @@ def _check_against_module(sd: dict[str, torch.Tensor], states: dict, where: str)
 def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     """Strict load after filling tied aliases (checkpoints store one name per shared tensor)."""
     sd = dict(sd)
-    for alias, target in _TIED_ALIASES.items():
-        if alias not in sd and target in sd:
-            sd[alias] = sd[target]
     expected = set(model.state_dict())
+    for alias, target in _TIED_ALIASES.items():
+        if alias in expected and alias not in sd and target in sd:
+            sd[alias] = sd[target]
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise RunDirError(f"{where}: checkpoint does not match {type(model).__name__}:\n"

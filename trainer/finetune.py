@@ -1,0 +1,545 @@
+"""Sequence-classification fine-tuning (GLUE-style) on the DeepSpeed engine, as in the BERT paper.
+
+Model: BertForSequenceClassification ([CLS] pooled output -> dropout -> linear), encoder and pooler copied
+from the pretrained BertForPreTraining, classifier head freshly initialised (normal(0, 0.02), seeded).
+
+Recipe (paper, section 4.1 / appendix A.3): batch 32 (in the DeepSpeed JSON: micro batch x accumulation x
+world), lr in {5e-5, 3e-5, 2e-5}, 3 epochs, linear warmup over the first 10% of steps then linear decay to
+0 (trainer.schedule), dropout 0.1, max length 128. Weight decay (from the JSON) skips biases and LayerNorm
+weights, as Google's optimizer does.
+
+Tasks: GLUE through `datasets` (`nyu-mll/glue`, needs the hub) or local CSV / TSV / JSONL files with a text
+column, an optional second text column and a label column. Labels are mapped to ids deterministically:
+GLUE keeps its ClassLabel ids; local labels are sorted (numerically when every label is an integer,
+otherwise as strings) and the dev set must only use labels seen in training.
+
+Output of one run (``out_dir``): ``metrics.jsonl`` + ``tensorboard/`` (per epoch: dev accuracy/loss, train
+loss, lr; at the end the best), ``best/`` (our format: model.safetensors fp32, classifier_config.json,
+tokenizer/; load with ``load_classifier``) and optionally ``best_hf/`` (transformers'
+BertForSequenceClassification layout).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from bert import BertConfig, BertForSequenceClassification
+
+log = logging.getLogger(__name__)
+
+SWEEP_LRS = (5e-5, 3e-5, 2e-5)
+# GLUE classification tasks: name -> (first text column, second text column or None, dev split).
+# STS-B is regression and is not offered.
+GLUE_TASKS = {
+    "cola": ("sentence", None, "validation"),
+    "sst2": ("sentence", None, "validation"),
+    "mrpc": ("sentence1", "sentence2", "validation"),
+    "qqp": ("question1", "question2", "validation"),
+    "mnli": ("premise", "hypothesis", "validation_matched"),
+    "qnli": ("question", "sentence", "validation"),
+    "rte": ("sentence1", "sentence2", "validation"),
+    "wnli": ("sentence1", "sentence2", "validation"),
+}
+CLASSIFIER_CONFIG = "classifier_config.json"
+_PAD_MULTIPLE = 8  # pad sequences to a multiple of 8, like the pretraining loader
+
+
+class FinetuneError(Exception):
+    """Bad task data or settings (the message names the file / row / column / key)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Task data
+
+
+@dataclass
+class Split:
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: Split
+    dev: Split
+    label_names: list[str]
+
+    @property
+    def paired(self) -> bool:
+        return self.train.text_b is not None
+
+
+def _sorted_labels(values: set[str]) -> list[str]:
+    """Deterministic label order: numeric when every label is an integer ("0" < "2" < "10"), else by string."""
+    try:
+        return sorted(values, key=int)
+    except ValueError:
+        return sorted(values)
+
+
+def _read_rows(path: str) -> tuple[list[dict], list[str]]:
+    """Rows (dicts) and column names of a .csv / .tsv / .jsonl file."""
+    if not os.path.isfile(path):
+        raise FinetuneError(f"{path}: file not found")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        if ext in (".csv", ".tsv"):
+            # TSV (GLUE's format) has unescaped quotes inside sentences: no quoting there.
+            reader = (csv.DictReader(f) if ext == ".csv"
+                      else csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+            for n, row in enumerate(rows, 2):  # line 1 is the header
+                if None in row or any(v is None for v in row.values()):
+                    raise FinetuneError(f"{path}: line {n}: has {len(row) - (None in row)} fields where the "
+                                        f"header has {len(columns)}")
+            return rows, columns
+        if ext in (".jsonl", ".json"):
+            rows, columns = [], []
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FinetuneError(f"{path}: line {n}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise FinetuneError(f"{path}: line {n}: expected a JSON object per line")
+                for k in row:
+                    if k not in columns:
+                        columns.append(k)
+                rows.append(row)
+            return rows, columns
+    raise FinetuneError(f"{path}: unknown file type {ext!r}; expected .csv, .tsv or .jsonl")
+
+
+@dataclass
+class Columns:
+    text: str = "text"
+    text_b: str | None = "text_b"
+    label: str = "label"
+    text_b_explicit: bool = False  # the user named text_b: then it must exist
+
+
+def _read_split(path: str, cols: Columns) -> tuple[list[str], list[str] | None, list[str]]:
+    rows, columns = _read_rows(path)
+    if not rows:
+        raise FinetuneError(f"{path}: no rows")
+    for name, what in ((cols.text, "--text-column"), (cols.label, "--label-column")):
+        if name not in columns:
+            raise FinetuneError(f"{path}: no column {name!r} (columns: {columns}); choose one with {what}")
+    use_b = cols.text_b is not None and cols.text_b in columns
+    if cols.text_b_explicit and not use_b:
+        raise FinetuneError(f"{path}: no column {cols.text_b!r} (columns: {columns}) given by --text-b-column")
+    a, b, labels = [], [] if use_b else None, []
+    first_line = 2 if path.lower().endswith((".csv", ".tsv")) else 1
+    for n, row in enumerate(rows, first_line):
+        text = row.get(cols.text)
+        if not isinstance(text, str) or not text.strip():
+            raise FinetuneError(f"{path}: row {n}: column {cols.text!r} is empty or not text ({text!r})")
+        a.append(text)
+        if use_b:
+            tb = row.get(cols.text_b)
+            if not isinstance(tb, str) or not tb.strip():
+                raise FinetuneError(f"{path}: row {n}: column {cols.text_b!r} is empty or not text ({tb!r})")
+            b.append(tb)
+        label = row.get(cols.label)
+        if label is None or str(label).strip() == "":
+            raise FinetuneError(f"{path}: row {n}: column {cols.label!r} is empty")
+        labels.append(str(label).strip())
+    return a, b, labels
+
+
+def load_local_task(train_path: str, dev_path: str, cols: Columns) -> TaskData:
+    """Local CSV/TSV/JSONL train + dev files -> TaskData with deterministic label ids."""
+    ta, tb, tl = _read_split(train_path, cols)
+    da, db, dl = _read_split(dev_path, cols)
+    if (tb is None) != (db is None):
+        has, lacks = (train_path, dev_path) if tb is not None else (dev_path, train_path)
+        raise FinetuneError(f"{has} has a {cols.text_b!r} column but {lacks} does not; both or neither")
+    names = _sorted_labels(set(tl))
+    if len(names) < 2:
+        raise FinetuneError(f"{train_path}: column {cols.label!r} has only one label value {names}")
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(dl) - set(ids))
+    if unknown:
+        raise FinetuneError(f"{dev_path}: labels {unknown} do not occur in {train_path} (labels: {names})")
+    name = os.path.splitext(os.path.basename(train_path))[0]
+    return TaskData(name=name, label_names=names,
+                    train=Split(ta, tb, [ids[x] for x in tl]), dev=Split(da, db, [ids[x] for x in dl]))
+
+
+def load_glue_task(name: str) -> TaskData:  # pragma: no cover - needs the Hugging Face hub
+    """GLUE task `name` from the hub (`nyu-mll/glue`); label ids are GLUE's own ClassLabel ids."""
+    if name not in GLUE_TASKS:
+        raise FinetuneError(f"unknown task {name!r}; GLUE classification tasks: {', '.join(GLUE_TASKS)} "
+                            f"(or use --train/--dev with local files)")
+    import datasets
+
+    col_a, col_b, dev_split = GLUE_TASKS[name]
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", name)
+    except Exception as e:  # network/hub errors come in many types; the message is what matters
+        raise FinetuneError(f"cannot load GLUE task {name!r} from the hub ({type(e).__name__}: {e}); "
+                            f"offline, pass --train/--dev files instead") from None
+    label_names = list(ds["train"].features["label"].names)
+
+    def split(part) -> Split:
+        return Split(list(part[col_a]), list(part[col_b]) if col_b else None, [int(x) for x in part["label"]])
+
+    return TaskData(name=name, train=split(ds["train"]), dev=split(ds[dev_split]), label_names=label_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and batching
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode_split(tokenizer, split: Split, max_len: int) -> Encoded:
+    ids, types = [], []
+    for i in range(len(split)):
+        a, t = tokenizer.encode_pair(split.text_a[i], split.text_b[i] if split.text_b is not None else None,
+                                     max_length=max_len)
+        ids.append(a)
+        types.append(t)
+    return Encoded(ids, types, list(split.labels))
+
+
+def collate(data: Encoded, indices: list[int], pad_id: int) -> dict:
+    """Pad the chosen examples to the batch's longest, rounded up to a multiple of 8."""
+    longest = max(len(data.input_ids[i]) for i in indices)
+    S = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
+    B = len(indices)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)  # (B, S)
+    token_type_ids = torch.zeros((B, S), dtype=torch.long)  # (B, S)
+    attention_mask = torch.zeros((B, S), dtype=torch.long)  # (B, S), 1 = real token
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        input_ids[row, :n] = torch.tensor(data.input_ids[i])
+        token_type_ids[row, :n] = torch.tensor(data.token_type_ids[i])
+        attention_mask[row, :n] = 1
+    labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+            "labels": labels}
+
+
+def train_batches(n: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro batches for one epoch: a permutation from (seed, epoch), position p -> rank
+    p % world, the last partial round wrapped around so every rank gets the same number of batches
+    (ceil(n / world) samples each, as torch's DistributedSampler)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    per_rank = -(-n // world)
+    order += order[: per_rank * world - n]  # wrap: a few samples seen twice when n % world != 0
+    mine = order[rank::world]
+    return [mine[i: i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+def dev_batches(n: int, micro_batch: int, rank: int, world: int) -> list[tuple[list[int], list[bool]]]:
+    """Disjoint dev shards (index i -> rank i % world), padded with masked copies of example 0 so every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters in every forward)."""
+    per_rank = -(-n // world)
+    mine = list(range(rank, n, world))
+    real = [True] * len(mine) + [False] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    return [(mine[i: i + micro_batch], real[i: i + micro_batch]) for i in range(0, per_rank, micro_batch)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def build_classifier(pretrained, num_labels: int, dropout: float, seed: int) -> BertForSequenceClassification:
+    """Encoder + pooler from `pretrained` (BertForPreTraining), new head; dropout set on every layer."""
+    config = dataclasses.replace(pretrained.config, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)  # the head's init: same on every rank and every run with this seed
+    model = BertForSequenceClassification(config, num_labels)
+    model.bert.load_state_dict(pretrained.bert.state_dict(), strict=True)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and LayerNorm weights (1-D tensors) are not decayed (Google's BERT)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def prepare_ds_config(ds_config: dict, lr: float | None) -> dict:
+    """The resolved JSON (trainer.train.resolve_ds_config: batch, optimizer, precision, no scheduler) with
+    the peak learning rate replaced when --lr/--sweep gives one; otherwise the JSON's lr is the peak."""
+    cfg = json.loads(json.dumps(ds_config))  # deep copy
+    if lr is not None:
+        cfg["optimizer"]["params"]["lr"] = lr
+    return cfg
+
+
+def save_classifier(model: BertForSequenceClassification, out_dir: str, tokenizer, info: dict) -> None:
+    """Our format: model.safetensors (fp32), classifier_config.json, tokenizer/."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"model_config": model.config.to_dict(), "num_labels": model.num_labels, **info}
+    with open(os.path.join(out_dir, CLASSIFIER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    tokenizer.save(os.path.join(out_dir, "tokenizer"))
+
+
+def load_classifier(path: str):
+    """(BertForSequenceClassification in eval mode, BertTokenizer, classifier_config dict) from save_classifier."""
+    from safetensors.torch import load_file
+
+    from data.tokenizer import load_tokenizer
+    from trainer.run_dir import load_state_into
+
+    cfg_path = os.path.join(path, CLASSIFIER_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise FinetuneError(f"{cfg_path}: missing (not a fine-tuned model directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        info = json.load(f)
+    model = BertForSequenceClassification(BertConfig.from_dict(info["model_config"]), info["num_labels"])
+    load_state_into(model, load_file(os.path.join(path, "model.safetensors")), path)
+    return model.eval(), load_tokenizer(os.path.join(path, "tokenizer")), info
+
+
+def export_classifier_hf(model: BertForSequenceClassification, out_dir: str, tokenizer_dir: str,
+                         label_names: list[str], fingerprint: str) -> None:
+    """transformers' BertForSequenceClassification layout: config.json with num_labels/id2label/label2id,
+    model.safetensors (keys are HF's already), tokenizer files + our `bert_fingerprint`."""
+    from safetensors.torch import save_file
+
+    from bert.hf import _hf_config, write_hf_tokenizer
+    from trainer.run_dir import HF_FINGERPRINT_FIELD
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config = _hf_config(model.config, "BertForSequenceClassification", torch.float32)
+    config.update(num_labels=len(label_names), problem_type="single_label_classification",
+                  id2label={str(i): n for i, n in enumerate(label_names)},
+                  label2id={n: i for i, n in enumerate(label_names)})
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    write_hf_tokenizer(tokenizer_dir, out_dir, model.config)
+    tc = os.path.join(out_dir, "tokenizer_config.json")
+    with open(tc, encoding="utf-8") as f:
+        tcfg = json.load(f)
+    tcfg[HF_FINGERPRINT_FIELD] = fingerprint
+    with open(tc, "w", encoding="utf-8") as f:
+        json.dump(tcfg, f, indent=2)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class Settings:
+    lr: float | None = None  # None: the DeepSpeed JSON's optimizer.params.lr
+    epochs: int = 3
+    warmup_fraction: float = 0.1
+    max_len: int = 128
+    dropout: float = 0.1
+    seed: int = 42
+    export_hf: bool = False
+
+    def __post_init__(self):
+        if self.lr is not None and not self.lr > 0:
+            raise FinetuneError(f"--lr must be > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise FinetuneError(f"--epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise FinetuneError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise FinetuneError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_len < 3:
+            raise FinetuneError(f"--max-len must be >= 3 ([CLS] x [SEP]), got {self.max_len}")
+
+
+@dataclass
+class RunResult:
+    lr: float
+    out_dir: str
+    dev_accuracy: list[float] = field(default_factory=list)  # per epoch
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    steps: int = 0
+    batch_size: int = 0
+
+
+def _rank_world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate_classifier(engine, dev: Encoded, micro_batch: int, pad_id: int) -> dict:
+    """Exact dev accuracy and mean loss over all ranks (sums and counts all-reduced, divided once)."""
+    rank, world = _rank_world()
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, loss_sum, count
+    for indices, real in dev_batches(len(dev), micro_batch, rank, world):
+        batch = collate(dev, indices, pad_id)
+        labels = batch.pop("labels")
+        logits = engine(**{k: v.to(engine.device) for k, v in batch.items()}).float().cpu()  # (B, C)
+        w = torch.tensor(real, dtype=torch.float64)
+        loss = F.cross_entropy(logits, labels, reduction="none").double()
+        sums += torch.stack([((logits.argmax(-1) == labels).double() * w).sum(), (loss * w).sum(), w.sum()])
+    engine.train()
+    sums = _all_reduce(sums.to(engine.device)).cpu()
+    correct, loss_sum, count = sums.tolist()
+    return {"accuracy": correct / count, "loss": loss_sum / count, "count": int(count)}
+
+
+def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, settings: Settings, out_dir: str, *,
+             info: dict | None = None) -> RunResult:
+    """One fine-tuning run at settings.lr; collective (every rank calls it). Returns per-epoch dev accuracy
+    and the best; rank 0 writes out_dir (metrics, tensorboard, best/ and optionally best_hf/)."""
+    import deepspeed
+    from tqdm import tqdm
+
+    from trainer.metrics import MetricsWriter
+    from trainer.run_dir import consolidate_fp32, load_state_into, read_model_states
+    from trainer.schedule import lr_at, set_lr
+
+    rank, world = _rank_world()
+    cfg = prepare_ds_config(ds_config, settings.lr)
+    model = build_classifier(pretrained, len(task.label_names), settings.dropout, settings.seed)
+    weight_decay = float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                                   config=cfg)
+    peak_lr = float(cfg["optimizer"]["params"]["lr"])
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    batch_size = engine.train_batch_size()  # micro x accum x world, as DeepSpeed resolved it
+
+    train = encode_split(tokenizer, task.train, settings.max_len)
+    dev = encode_split(tokenizer, task.dev, settings.max_len)
+    micro_per_epoch = len(train_batches(len(train), micro, rank, world, settings.seed, 0))
+    # Optimizer steps happen every `accum` micro batches, counted across epoch boundaries.
+    total_steps = max(1, settings.epochs * micro_per_epoch // accum)
+    warmup_steps = round(settings.warmup_fraction * total_steps)
+
+    writer = MetricsWriter(out_dir, enabled=rank == 0)
+    ckpt_dir = os.path.join(out_dir, "checkpoint_tmp")
+    result = RunResult(lr=peak_lr, out_dir=out_dir, batch_size=batch_size)
+    if rank == 0:
+        print(f"fine-tune {task.name}: {len(train)} train / {len(dev)} dev examples, {len(task.label_names)} "
+              f"labels, batch {batch_size} (micro {micro} x accum {accum} x world {world}), lr {peak_lr:g}, "
+              f"{settings.epochs} epochs = {total_steps} steps, warmup {warmup_steps}", file=sys.stderr)
+    step = 0
+    engine.train()
+    try:
+        for epoch in range(1, settings.epochs + 1):
+            loss_sum = torch.zeros(2, dtype=torch.float64)  # train loss sum, examples
+            batches = train_batches(len(train), micro, rank, world, settings.seed, epoch)
+            for indices in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs} lr {peak_lr:g}",
+                                disable=None if rank == 0 else True, leave=False):
+                batch = {k: v.to(engine.device) for k, v in collate(train, indices, tokenizer.pad_id).items()}
+                loss, _logits = engine(**batch)
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():  # this step() updates the weights
+                    set_lr(optimizer, lr_at(min(engine.global_steps, total_steps - 1), peak_lr,
+                                            warmup_steps, total_steps))
+                engine.step()
+                loss_sum += torch.tensor([loss.item() * len(indices), len(indices)], dtype=torch.float64)
+                step = engine.global_steps
+            train_loss = _all_reduce(loss_sum.to(engine.device)).cpu()
+            dev_metrics = evaluate_classifier(engine, dev, micro, tokenizer.pad_id)
+            acc = dev_metrics["accuracy"]
+            result.dev_accuracy.append(acc)
+            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr,
+                      "train/loss": train_loss[0].item() / train_loss[1].item(),
+                      "dev/accuracy": acc, "dev/loss": dev_metrics["loss"], "dev/examples": dev_metrics["count"]}
+            writer.record(record)
+            writer.scalars(step, {k: v for k, v in record.items() if "/" in k})
+            improved = acc > result.best_accuracy
+            if improved:
+                result.best_accuracy, result.best_epoch = acc, epoch
+                # Consolidated fp32 weights via a DeepSpeed checkpoint (works for any ZeRO stage and
+                # precision: the fp32 master partitions are merged by DeepSpeed's own API).
+                engine.save_checkpoint(ckpt_dir, tag="best")
+                if tdist.is_available() and tdist.is_initialized():
+                    tdist.barrier()
+                if rank == 0:
+                    states = read_model_states(os.path.join(ckpt_dir, "best"))
+                    best = BertForSequenceClassification(model.config, model.num_labels)
+                    sd, _how = consolidate_fp32(ckpt_dir, "best", states, best)
+                    load_state_into(best, sd, ckpt_dir)
+                    meta = {"task": task.name, "labels": task.label_names, "paired": task.paired,
+                            "max_len": settings.max_len, "lr": peak_lr, "epoch": epoch, "step": step,
+                            "dev_accuracy": acc, "tokenizer_fingerprint": tokenizer.fingerprint, **(info or {})}
+                    save_classifier(best, os.path.join(out_dir, "best"), tokenizer, meta)
+                    if settings.export_hf:
+                        export_classifier_hf(best, os.path.join(out_dir, "best_hf"), os.path.join(out_dir, "best",
+                                             "tokenizer"), task.label_names, tokenizer.fingerprint)
+                if tdist.is_available() and tdist.is_initialized():
+                    tdist.barrier()
+            if rank == 0:
+                print(f"epoch {epoch}: dev accuracy {acc:.4f} (loss {dev_metrics['loss']:.4f}), train loss "
+                      f"{record['train/loss']:.4f}{'  *best*' if improved else ''}", file=sys.stderr)
+        result.steps = step
+        final = {"step": step, "best/dev_accuracy": result.best_accuracy, "best/epoch": result.best_epoch,
+                 "lr_peak": peak_lr}
+        writer.record(final)
+        writer.scalars(step, {"best/dev_accuracy": result.best_accuracy})
+    finally:
+        writer.close()
+        if rank == 0:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer states: not needed once best/ is written
+        del engine, optimizer
+        gc.collect()
+    if not math.isfinite(result.best_accuracy):
+        raise FinetuneError("dev accuracy is not finite")
+    return result
+
+
+def format_results(results: list[RunResult]) -> str:
+    """Final table: one row per learning rate, dev accuracy per epoch, best; '*' marks the best run."""
+    epochs = max(len(r.dev_accuracy) for r in results)
+    best = max(results, key=lambda r: r.best_accuracy)
+    head = f"{'lr':>8} " + " ".join(f"{'ep' + str(e + 1):>7}" for e in range(epochs)) + f" {'best':>7} {'epoch':>5}"
+    lines = [head]
+    for r in results:
+        cells = " ".join(f"{a:7.4f}" for a in r.dev_accuracy)
+        mark = " *" if r is best and len(results) > 1 else ""
+        lines.append(f"{r.lr:8.0e} {cells} {r.best_accuracy:7.4f} {r.best_epoch:5d}{mark}")
+    return "\n".join(lines)
