@@ -381,3 +381,86 @@ def test_array_build_merges_to_single_process_build(tmp_path, corpus):
     assert a == b
     # every slice contributed (the slices are disjoint parts, not copies of the whole)
     assert len(merged["splits"]["train"]["shards"]) >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (status {proc.returncode}) before step {step} was logged")
+        if metrics.exists():
+            steps = [json.loads(ln).get("step", 0) for ln in metrics.read_text().splitlines() if ln.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {metrics} after {timeout}s")
+
+
+def _train_records(metrics: Path) -> dict:
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    train = [r for r in recs if "keys" in r]
+    by_step = {r["step"]: r for r in train}
+    assert len(by_step) == len(train), "a step was logged twice"
+    return by_step
+
+
+@pytest.mark.timeout(1500)  # three 2-rank runs; DeepSpeed may JIT-build its CPU ops on first use
+def test_real_two_rank_training_preempted_requeued_resumes_same_batches(tmp_path, train_shards):
+    """srun path for real: 2 CPU ranks; SIGUSR1 to both mid-run (what --signal does) -> both save and exit 0
+    -> the job requeues itself -> the rerun job body resumes and logs the same batches and losses as an
+    uninterrupted run."""
+    max_steps = 24
+    overrides = (f"model.preset=tiny train.max_steps={max_steps} train.log_every=1 train.eval_every=0 "
+                 "train.eval_batches=2 train.save_every=1000 train.log_batch_keys=true")
+
+    def env_for(name: str, job_id: int) -> dict:
+        e = job_env(tmp_path / name, 1, 2, job_id=job_id, PHASE=1, VENV=VENV_BIN.parent, OUT_DIR=tmp_path / name,
+                    RUN_CONFIG=REPO / "configs/demo.yaml", DATA_PHASE1=train_shards, TRAIN_OVERRIDES=overrides)
+        e["SLURM_JOB_NODELIST"] = "localhost"
+        return {k: str(v) for k, v in e.items()}
+
+    # uninterrupted reference
+    ref_env = env_for("ref", 5101)
+    r = run("large.sh", ref_env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = _train_records(tmp_path / "ref" / "phase1" / "metrics.jsonl")
+    assert sorted(ref) == list(range(1, max_steps + 1))
+    assert requeues(tmp_path / "ref") == []
+
+    # preempted run
+    env = env_for("pre", 5102)
+    out = tmp_path / "pre" / "phase1"
+    with open(tmp_path / "pre.log", "w") as logf:
+        proc = subprocess.Popen(["bash", str(SLURM / "large.sh")], env=env, cwd=REPO, stdout=logf,
+                                stderr=subprocess.STDOUT)
+        try:
+            _wait_for_step(out / "metrics.jsonl", 3, proc)
+            tasks = records(tmp_path / "pre", "srun_tasks")
+            assert sorted(t["rank"] for t in tasks) == [0, 1]
+            for t in tasks:
+                os.kill(t["pid"], signal.SIGUSR1)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log1 = (tmp_path / "pre.log").read_text()
+    assert proc.returncode == 0, log1[-4000:]
+    assert "stop requested" in log1 and "requeueing job 5102" in log1
+    assert requeues(tmp_path / "pre") == [["requeue", "5102"]]
+    stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped_at < max_steps, "the stop must come mid-run for this test to mean anything"
+
+    # Slurm reruns the batch script with the same job id: it resumes and finishes without another requeue
+    r = run("large.sh", dict(env, SLURM_RESTART_COUNT="1"), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert requeues(tmp_path / "pre") == [["requeue", "5102"]]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{max_steps:07d}"
+    got = _train_records(out / "metrics.jsonl")
+    assert sorted(got) == list(range(1, max_steps + 1))
+    for step in range(1, max_steps + 1):
+        assert got[step]["keys"] == ref[step]["keys"], f"step {step}: different batch"
+        for k in ("loss", "mlm_loss", "nsp_loss"):
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-5, abs=1e-6), (step, k)
+    # one TensorBoard folder across the requeue: event files of both job runs in it
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) >= 2
