@@ -47,3 +47,62 @@ def data_built(tmp_path_factory, data_corpus, data_tokenizer):
     out = str(tmp_path_factory.mktemp("data_built") / "shards")
     build([data_corpus], data_tokenizer, out, workers=1, **DATA_BUILD_KW)
     return out
+
+
+# --- eval fixtures ---
+# Tiny pretraining runs made by the real launcher (launcher/pretrain.py) on the trainer's train_shards, for
+# tests/test_eval_export.py and tests/test_finetune.py: one process ZeRO-2 with fp16 (-> bf16 on CPU), and
+# `deepspeed --num_gpus 2` ZeRO-2 in fp32 (a checkpoint partitioned over 2 ranks). Validation runs over the
+# whole valid split at the end, so evaluate.py has logged numbers to match.
+def _eval_pretrain(tmp, shards, out, world, fp16):
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    ds = json.loads((repo / "ds_configs" / "zero2.json").read_text())
+    ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
+    ds["optimizer"]["params"]["lr"] = 2e-3
+    if not fp16:
+        ds.pop("fp16")
+    ds_path, cfg_path = Path(tmp) / "ds.json", Path(tmp) / "run.yaml"
+    ds_path.write_text(json.dumps(ds))
+    cfg_path.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "max_position_embeddings": 64},
+        "data": {"train": str(shards), "num_workers": 0},
+        "train": {"output_dir": str(out), "seed": 11, "max_steps": 8, "warmup_steps": 2, "log_every": 4,
+                  "eval_every": 8, "eval_batches": None, "save_every": 8, "peak_tflops": 1.0}}))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    script = [str(repo / "launcher" / "pretrain.py"), "--deepspeed", str(ds_path), "--config", str(cfg_path)]
+    if world == 1:
+        cmd = [sys.executable, *script]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port),
+               *script]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory, train_shards):
+    """Run directory of a 1-process ZeRO-2 bf16 pretraining run (8 steps, checkpoint step_0000008)."""
+    tmp = tmp_path_factory.mktemp("eval_run")
+    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True)
+
+
+@pytest.fixture(scope="session")
+def eval_run_2rank(tmp_path_factory, train_shards):
+    """Run directory of a 2-rank (`deepspeed --num_gpus 2`) ZeRO-2 fp32 pretraining run."""
+    tmp = tmp_path_factory.mktemp("eval_run_2rank")
+    return _eval_pretrain(tmp, train_shards, tmp / "run", world=2, fp16=False)
+# --- end eval fixtures ---

@@ -486,11 +486,12 @@ def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, settings: S
             dev_metrics = evaluate_classifier(engine, dev, micro, tokenizer.pad_id)
             acc = dev_metrics["accuracy"]
             result.dev_accuracy.append(acc)
-            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr,
+            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr, "lr": optimizer.param_groups[0]["lr"],
+                      "warmup_steps": warmup_steps, "total_steps": total_steps,
                       "train/loss": train_loss[0].item() / train_loss[1].item(),
                       "dev/accuracy": acc, "dev/loss": dev_metrics["loss"], "dev/examples": dev_metrics["count"]}
             writer.record(record)
-            writer.scalars(step, {k: v for k, v in record.items() if "/" in k})
+            writer.scalars(step, {k: v for k, v in record.items() if "/" in k or k == "lr"})
             improved = acc > result.best_accuracy
             if improved:
                 result.best_accuracy, result.best_epoch = acc, epoch

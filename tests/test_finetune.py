@@ -1,0 +1,277 @@
+"""Fine-tuning: task data handling (units) and launcher/finetune.py end to end on a tiny pretrained run.
+
+The learnable task: sentences of filler words with one sentiment word inserted at a random place; the label
+is which sentiment list the word came from. A classifier must find the word anywhere in the sequence, which
+a tiny BERT does in a few epochs (a majority-class guess scores ~50%).
+"""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.finetune import (Columns, FinetuneError, Split, collate, dev_batches, encode_split, load_classifier,
+                              load_local_task, train_batches)
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = str(REPO / "launcher" / "finetune.py")
+FILLER = ("the a function returns value list string object module class method file path name number data "
+          "argument default error type").split()
+POSITIVE, NEGATIVE = ["excellent", "great", "good"], ["terrible", "awful", "bad"]
+
+
+def synthetic(n, seed, pair=False):
+    """Rows (text, [text_b], label): the label is decided by which sentiment word the (second) text holds."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = [rng.choice(FILLER) for _ in range(rng.randint(5, 10))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+        if pair:  # the first text is uninformative filler: the signal is in segment B only
+            rows.append({"text": " ".join(rng.choice(FILLER) for _ in range(6)), "text_b": " ".join(words),
+                         "label": label})
+        else:
+            rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write(path, rows):
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".tsv":  # GLUE style: tab-separated, quotes left as they are
+        path.write_text("".join("\t".join(r) + "\n" for r in [list(rows[0])] + [list(r.values()) for r in rows]))
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return str(path)
+
+
+def ds_config(tmp, micro=16):
+    ds = json.loads((REPO / "ds_configs" / "finetune.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = micro
+    path = Path(tmp) / f"finetune_{micro}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def run_finetune(*args, expect=0):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, FINETUNE, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=400)
+    assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}"
+    return p
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, split, max_len=64):
+    enc = encode_split(tokenizer, split, max_len)
+    batch = collate(enc, list(range(len(enc))), tokenizer.pad_id)
+    labels = batch.pop("labels")
+    return (model(**batch).argmax(-1) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Units: task files, labels, batching
+
+
+def test_local_task_labels_are_deterministic_and_numeric_aware(tmp_path):
+    train = write(tmp_path / "t.csv", [{"text": f"x {i}", "label": str(lab)} for i, lab in enumerate([10, 2, 0, 2])])
+    dev = write(tmp_path / "d.csv", [{"text": "y", "label": "10"}, {"text": "z", "label": "0"}])
+    task = load_local_task(train, dev, Columns())
+    assert task.label_names == ["0", "2", "10"]  # numeric order, not "0" < "10" < "2"
+    assert task.train.labels == [2, 1, 0, 1] and task.dev.labels == [2, 0]
+    assert not task.paired
+    words = write(tmp_path / "w.csv", [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"},
+                                       {"text": "c", "label": "neg"}])
+    assert load_local_task(words, words, Columns()).label_names == ["neg", "pos"]
+
+
+def test_local_task_errors_name_file_row_and_columns(tmp_path):
+    good = write(tmp_path / "good.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    bad_col = write(tmp_path / "badcol.csv", [{"sentence": "a", "label": "x"}])
+    with pytest.raises(FinetuneError, match=r"badcol.csv: no column 'text' \(columns: \['sentence', 'label'\]\)"):
+        load_local_task(bad_col, good, Columns())
+    unseen = write(tmp_path / "unseen.csv", [{"text": "a", "label": "z"}])
+    with pytest.raises(FinetuneError, match=r"unseen.csv: labels \['z'\] do not occur"):
+        load_local_task(good, unseen, Columns())
+    empty = write(tmp_path / "empty.csv", [{"text": "a", "label": "x"}, {"text": " ", "label": "y"}])
+    with pytest.raises(FinetuneError, match=r"empty.csv: row 3: column 'text' is empty"):
+        load_local_task(empty, good, Columns())
+    with pytest.raises(FinetuneError, match="given by --text-b-column"):
+        load_local_task(good, good, Columns(text_b="second", text_b_explicit=True))
+    (tmp_path / "x.txt").write_text("text,label\na,x\n")
+    with pytest.raises(FinetuneError, match=r"x.txt: unknown file type '.txt'"):
+        load_local_task(str(tmp_path / "x.txt"), good, Columns())
+
+
+def test_tsv_keeps_quotes_and_jsonl_pairs(tmp_path, train_shards):
+    from data.tokenizer import load_tokenizer
+
+    rows = [{"text": 'he said "hi', "text_b": "b one", "label": "1"}, {"text": "x", "text_b": "y", "label": "0"}]
+    tsv = write(tmp_path / "p.tsv", rows)
+    jsonl = write(tmp_path / "p.jsonl", rows)
+    for path in (tsv, jsonl):
+        task = load_local_task(path, path, Columns())
+        assert task.paired and task.train.text_a[0] == 'he said "hi' and task.train.text_b == ["b one", "y"]
+    tok = load_tokenizer(os.path.join(train_shards, "tokenizer"))
+    enc = encode_split(tok, task.train, 16)
+    batch = collate(enc, [0, 1], tok.pad_id)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    for r in range(2):
+        n = int(batch["attention_mask"][r].sum())
+        types = batch["token_type_ids"][r, :n].tolist()
+        assert types[0] == 0 and types[-1] == 1 and types == sorted(types)  # [CLS] A [SEP] then B [SEP]
+        assert (batch["input_ids"][r, n:] == tok.pad_id).all()
+
+
+@pytest.mark.parametrize("n,world,micro", [(100, 1, 16), (101, 2, 8), (7, 3, 2)])
+def test_batches_cover_every_example(n, world, micro):
+    per_rank = [train_batches(n, micro, r, world, seed=5, epoch=1) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
+    seen = [i for b in per_rank for batch in b for i in batch]
+    assert set(seen) == set(range(n)) and len(seen) == -(-n // world) * world
+    assert train_batches(n, micro, 0, world, 5, 1) != train_batches(n, micro, 0, world, 5, 2)  # reshuffled
+    dev = [dev_batches(n, micro, r, world) for r in range(world)]
+    assert len({len(d) for d in dev}) == 1
+    real = [i for d in dev for idx, mask in d for i, m in zip(idx, mask) if m]
+    assert sorted(real) == list(range(n))  # every dev example counted exactly once
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft_task")
+    return {"train": write(tmp / "train.csv", synthetic(320, 1)), "dev": write(tmp / "dev.csv", synthetic(100, 2)),
+            "ptrain": write(tmp / "ptrain.jsonl", synthetic(320, 3, pair=True)),
+            "pdev": write(tmp / "pdev.jsonl", synthetic(100, 4, pair=True))}
+
+
+def test_finetune_learns_the_task_saves_best_and_exports_hf(eval_run, task_files, tmp_path):
+    out = tmp_path / "ft"
+    p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["train"],
+                     "--dev", task_files["dev"], "--lr", "1e-3", "--epochs", "3", "--max-len", "64",
+                     "--export-hf", "--out", out)
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["best_dev_accuracy"] > 0.9, p.stdout + p.stderr[-3000:]
+    run = summary["runs"][0]
+    assert len(run["dev_accuracy"]) == 3 and summary["best_dev_accuracy"] == max(run["dev_accuracy"])
+    assert run["batch_size"] == 16 and run["steps"] == 3 * (320 // 16)
+    assert "bf16" in p.stderr  # fp16 in finetune.json switched on CPU, as in pretraining
+    assert "best" in p.stdout and "ep3" in p.stdout  # the final table
+
+    recs = read_jsonl(out / "metrics.jsonl")
+    epochs = [r for r in recs if "dev/accuracy" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["dev/accuracy"] for r in epochs] == run["dev_accuracy"]
+    assert recs[-1]["best/dev_accuracy"] == summary["best_dev_accuracy"]
+    # Linear warmup (10% of 60 steps = 6) then linear decay: the last update used lr_at(59) = peak / 54.
+    from trainer.schedule import lr_at
+    assert epochs[-1]["total_steps"] == 60 and epochs[-1]["warmup_steps"] == 6
+    assert epochs[-1]["lr"] == pytest.approx(lr_at(59, 1e-3, 6, 60)) == pytest.approx(1e-3 / 54)
+    assert epochs[0]["lr"] == pytest.approx(lr_at(19, 1e-3, 6, 60))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+
+    # The saved best model reproduces the reported best dev accuracy (same examples; fp32 here vs the bf16
+    # engine during training, so a borderline example or two may flip: 0.02 = 2 of 100).
+    model, tok, info = load_classifier(str(out / "best"))
+    assert info["labels"] == ["negative", "positive"] and info["epoch"] == summary["best_epoch"]
+    task = load_local_task(task_files["train"], task_files["dev"], Columns())
+    assert accuracy(model, tok, task.dev) == pytest.approx(summary["best_dev_accuracy"], abs=0.02)
+
+    transformers = pytest.importorskip("transformers")
+    hf, loading = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "best_hf"),
+                                                                                  output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"] and not loading["mismatched_keys"]
+    assert hf.config.num_labels == 2 and hf.config.id2label == {0: "negative", 1: "positive"}
+    hf.eval()
+    enc = encode_split(tok, task.dev, 64)
+    batch = collate(enc, list(range(20)), tok.pad_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.allclose(model(**batch), hf(**batch).logits, atol=1e-5, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out / "best_hf"))
+    assert hf_tok(task.dev.text_a[0])["input_ids"] == tok.encode_pair(task.dev.text_a[0], max_length=64)[0]
+
+
+def test_finetune_sentence_pairs(eval_run, task_files, tmp_path):
+    out = tmp_path / "pair"
+    p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["ptrain"],
+                     "--dev", task_files["pdev"], "--lr", "1e-3", "--epochs", "3", "--max-len", "64", "--out", out)
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["best_dev_accuracy"] > 0.9, p.stdout + p.stderr[-3000:]
+    _model, _tok, info = load_classifier(str(out / "best"))
+    assert info["paired"] is True
+
+
+def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files, tmp_path):
+    out = tmp_path / "sweep"
+    p = run_finetune("--deepspeed", ds_config(tmp_path, micro=32), "--model", eval_run, "--train",
+                     task_files["train"], "--dev", task_files["dev"], "--sweep", "--epochs", "1", "--max-len", "32",
+                     "--out", out)
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [r["lr"] for r in summary["runs"]] == [5e-5, 3e-5, 2e-5]
+    best = max(summary["runs"], key=lambda r: r["best"])
+    assert summary["best_lr"] == best["lr"] and summary["best_dev_accuracy"] == best["best"]
+    for r in summary["runs"]:
+        assert Path(r["out"]).name == f"lr_{r['lr']:g}"
+        assert (Path(r["out"]) / "best" / "model.safetensors").is_file()
+        assert read_jsonl(Path(r["out"]) / "metrics.jsonl")[0]["lr_peak"] == r["lr"]
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert p.stdout.count("e-05") >= 3  # one table row per learning rate
+
+
+def test_tokenizer_mismatch_is_refused(eval_run, train_shards_other_tok, task_files, tmp_path):
+    other = os.path.join(train_shards_other_tok, "tokenizer")
+    p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--tokenizer", other,
+                     "--train", task_files["train"], "--dev", task_files["dev"], "--out", tmp_path / "x", expect=2)
+    from data.tokenizer import load_tokenizer
+
+    fp_run = load_tokenizer(os.path.join(eval_run, "tokenizer")).fingerprint
+    fp_other = load_tokenizer(other).fingerprint
+    assert "tokenizer mismatch" in p.stderr and fp_run in p.stderr and fp_other in p.stderr
+    assert "--allow-tokenizer-mismatch" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards_other_tok, tmp_path):
+    """An exported HF dir whose tokenizer files were swapped is refused (tokenizer_config.json records the
+    pretraining fingerprint); the untouched export loads with the same fingerprint as the run."""
+    import shutil
+
+    from trainer.run_dir import RunDirError, load_pretrained
+
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, str(REPO / "launcher" / "export_hf.py"), "--checkpoint", eval_run, "--out",
+                    str(hf)], check=True, capture_output=True, timeout=300)
+    _m, tok, meta = load_pretrained(str(hf))
+    assert meta.kind == "hf" and meta.fingerprint_recorded
+    assert meta.tokenizer_fingerprint == tok.fingerprint == load_run_fingerprint(eval_run)
+    for name in ("tokenizer.json", "vocab.txt"):
+        shutil.copy(os.path.join(train_shards_other_tok, "tokenizer", name), hf / name)
+    with pytest.raises(RunDirError, match="records the pretraining tokenizer"):
+        load_pretrained(str(hf))
+
+
+def load_run_fingerprint(run_dir):
+    from data.tokenizer import load_tokenizer
+
+    return load_tokenizer(os.path.join(run_dir, "tokenizer")).fingerprint
