@@ -107,6 +107,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _wants_float(tp: Any) -> bool:
+    return tp is float or float in typing.get_args(tp)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
@@ -125,7 +129,7 @@ def _build_section(name: str, cls, raw: Any):
             raise ConfigError(f"unknown config key '{name}.{key}'; valid keys of '{name}': {', '.join(sorted(known))}")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"config key '{name}.{key}' must be {_type_name(hints[key])}, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
+        if isinstance(value, int) and not isinstance(value, bool) and _wants_float(hints[key]):
             raw[key] = float(value)
     return cls(**raw)
 
@@ -153,6 +157,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not a YAML scalar ({e})") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string; a number is what anyone typing it means
+                value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+            except ValueError:
+                pass
         out.append((key.strip(), value))
     return out
 

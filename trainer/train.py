@@ -39,8 +39,12 @@ _CUDA_ONLY_OPTIMIZERS = {"lamb", "onebitadam", "onebitlamb", "zerooneadam"}
 
 
 def log(rank: int, msg: str) -> None:
+    """Rank 0 prints; through tqdm.write so a line never lands inside the progress bar's line."""
     if rank == 0:
-        print(f"[pretrain] {msg}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"[pretrain] {msg}", file=sys.stdout)
+        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,8 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="run configuration (configs/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK in the environment is what is used")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="run-config overrides (train.max_steps=10); 'ds.'-prefixed ones edit an existing key of "
+                        "the DeepSpeed JSON for this run (ds.optimizer.params.lr=1e-3)")
     return p
+
+
+def apply_ds_overrides(ds: dict, path: str, overrides: list[tuple[str, object]]) -> dict:
+    """``ds.a.b=value`` replaces the existing key a.b of the DeepSpeed JSON (typos are errors, not new keys).
+    The JSON stays the one source of batch sizes, optimizer and precision; the result goes to ds_config.json."""
+    ds = copy.deepcopy(ds)
+    for dotted, value in overrides:
+        parts = dotted.split(".")[1:]
+        node = ds
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i + 1])
+                raise ConfigError(f"override {dotted}: {path} has no key '{where}' (ds. overrides only replace "
+                                  f"existing keys)")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +325,9 @@ def loader_stats(loader) -> dict:
 
 def run(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    cfg = run_config.load(args.config, args.overrides)
+    run_overrides = [o for o in args.overrides if not o.startswith("ds.")]
+    ds_overrides = run_config.parse_overrides([o for o in args.overrides if o.startswith("ds.")])
+    cfg = run_config.load(args.config, run_overrides)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -314,7 +341,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
     acc = get_accelerator()
     device_kind = acc.device_name()  # "cuda", "cpu", ...
-    ds_raw = load_ds_config(args.deepspeed)
+    ds_raw = apply_ds_overrides(load_ds_config(args.deepspeed), args.deepspeed, ds_overrides)
     ds_cfg, switch_note = resolve_ds_config(ds_raw, args.deepspeed, bool(acc.is_fp16_supported()),
                                             bool(acc.is_bf16_supported()), device_kind)
 

@@ -1,0 +1,239 @@
+"""Trainer pieces without a training run: schedule, DeepSpeed config resolution, SLURM env, weight-decay
+groups, FLOP counts, non-finite policy, shard/model checks, metrics sinks."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from bert import BertConfig, BertForPreTraining
+from trainer import dist, schedule
+from trainer.config import ConfigError
+from trainer.train import (NonFiniteGuard, check_shards, flop_counts, load_ds_config, param_groups,
+                           resolve_ds_config)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_schedule_values_match_the_closed_form():
+    peak, W, T = 1e-4, 10, 100
+    lrs = [schedule.lr_at(s, peak, W, T) for s in range(T + 1)]
+    assert lrs[0] == pytest.approx(peak / W)  # first update already moves
+    assert lrs[W - 1] == pytest.approx(peak) and lrs[W] == pytest.approx(peak)
+    assert lrs[55] == pytest.approx(peak * 45 / 90)
+    assert lrs[T - 1] == pytest.approx(peak / (T - W)) and lrs[T] == 0.0
+    # Linear pieces: constant increments while warming up, constant decrements while decaying.
+    up = [b - a for a, b in zip(lrs[:W], lrs[1:W])]
+    down = [b - a for a, b in zip(lrs[W:T], lrs[W + 1:T + 1])]
+    assert max(up) - min(up) < 1e-15 and min(up) > 0
+    assert max(down) - min(down) < 1e-15 and max(down) < 0
+    assert max(lrs) == pytest.approx(peak)
+
+
+def test_schedule_without_warmup_and_bad_args():
+    assert schedule.lr_at(0, 1.0, 0, 4) == 1.0
+    assert schedule.lr_at(3, 1.0, 0, 4) == 0.25
+    with pytest.raises(ValueError):
+        schedule.lr_at(0, 1.0, 5, 4)
+
+
+def test_set_lr_writes_every_group():
+    model = BertForPreTraining(BertConfig.preset("tiny", vocab_size=100))
+    opt = torch.optim.AdamW(param_groups(model), lr=1.0)
+    schedule.set_lr(opt, 0.125)
+    assert [g["lr"] for g in opt.param_groups] == [0.125, 0.125]
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+def test_shipped_ds_configs(name):
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", name))
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    assert ds["optimizer"]["type"] in ("Adam", "AdamW")
+    p = ds["optimizer"]["params"]
+    assert p["betas"] == [0.9, 0.999] and p["weight_decay"] == 0.01 and p["eps"] == 1e-6
+    assert ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == int(name[4])
+    if name == "zero2.json":
+        assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["contiguous_gradients"]
+    # Resolves on a CPU-like device (no fp16): exactly fp16 -> bf16, nothing else changes.
+    resolved, note = resolve_ds_config(ds, name, fp16_ok=False, bf16_ok=True, device="cpu")
+    assert "fp16" not in resolved and resolved["bf16"] == {"enabled": True} and "bf16" in note
+    rest = {k: v for k, v in resolved.items() if k != "bf16"}
+    assert rest == {k: v for k, v in ds.items() if k != "fp16"}
+    # And on a GPU-like device it is untouched.
+    assert resolve_ds_config(ds, name, fp16_ok=True, bf16_ok=True, device="cuda") == (ds, None)
+
+
+def test_real_accelerator_switches_fp16_on_cpu():
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        pytest.skip("this property is about the CPU accelerator")
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
+    resolved, note = resolve_ds_config(ds, "zero2.json", bool(acc.is_fp16_supported()),
+                                       bool(acc.is_bf16_supported()), acc.device_name())
+    assert resolved["bf16"] == {"enabled": True} and "fp16" not in resolved and note.count("\n") == 0
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda d: d.update(bf16={"enabled": True}), "both enabled"),
+    (lambda d: d["optimizer"].update(type="Lamb"), "only CUDA kernels"),
+    (lambda d: d.update(train_micro_batch_size_per_gpu="auto"), "'auto'"),
+    (lambda d: d.pop("gradient_accumulation_steps"), "gradient_accumulation_steps"),
+    (lambda d: d.update(scheduler={"type": "WarmupDecayLR"}), "remove 'scheduler'"),
+    (lambda d: d.pop("optimizer"), "params.lr"),
+])
+def test_ds_configs_the_device_cannot_run_are_refused(change, fragment):
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
+    change(ds)
+    with pytest.raises(ConfigError) as e:
+        resolve_ds_config(ds, "x.json", fp16_ok=False, bf16_ok=True, device="cpu")
+    assert fragment in str(e.value) and "x.json" in str(e.value)
+
+
+def test_fp16_without_bf16_is_refused():
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero1.json"))
+    with pytest.raises(ConfigError, match="neither fp16 nor bf16"):
+        resolve_ds_config(ds, "zero1.json", fp16_ok=False, bf16_ok=False, device="xpu")
+
+
+def test_bad_json_names_the_file(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        load_ds_config(str(p))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process-group environment
+
+
+def test_slurm_env_is_derived(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    stub = bin_dir / "scontrol"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho gpu-node-07\necho gpu-node-08\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+           "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_JOB_ID": "123456"}
+    old = os.environ.copy()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        got = dist.setup_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert got == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu-node-07",
+                   "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert log.read_text().split() == ["show", "hostnames", "gpu-node-[07-08]"]
+
+
+def test_launcher_env_wins_and_plain_process_is_world_of_one():
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert dist.setup_env(dict(env)) == {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    plain = dist.setup_env({})
+    assert (plain["RANK"], plain["WORLD_SIZE"], plain["LOCAL_RANK"], plain["MASTER_ADDR"]) == ("0", "1", "0",
+                                                                                              "127.0.0.1")
+    assert 0 < int(plain["MASTER_PORT"]) < 65536
+    with pytest.raises(dist.DistError, match="MASTER_ADDR"):
+        dist.setup_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model-side pieces
+
+
+def test_weight_decay_groups_follow_berts_rule():
+    model = BertForPreTraining(BertConfig.preset("tiny", vocab_size=100))
+    decay, no_decay = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay  # decay value: the DS JSON's
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in nn_)
+    assert all(not n.endswith("bias") and "LayerNorm" not in n for n in dn)
+    assert "bert.embeddings.word_embeddings.weight" in dn and "bert.embeddings.LayerNorm.weight" in nn_
+    assert len(dn) + len(nn_) == len(list(model.parameters()))  # every parameter exactly once
+
+
+def test_flop_counts_match_the_layer_arithmetic():
+    c = BertConfig.preset("mini", vocab_size=1000)
+    fc = flop_counts(BertForPreTraining(c))
+    H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    # Per layer: QKV + attention output 4H^2+4H, two LayerNorms 4H, FFN 8H^2+5H -> 12H^2 + 13H.
+    assert fc["per_token"] == L * (12 * H * H + 13 * H)
+    # MLM head: transform dense H^2+H + LayerNorm 2H, decoder V*H, bias V.
+    assert fc["per_prediction"] == H * H + 3 * H + V * H + V
+
+
+def test_nonfinite_policy():
+    g = NonFiniteGuard("bf16", max_consecutive=2)
+    assert g.update(True, False, None) is None
+    assert "non-finite loss in bf16" in g.update(False, False, None)
+    g = NonFiniteGuard("fp16", max_consecutive=2, min_loss_scale=1.0)
+    # Overflows at a healthy scale are normal dynamic loss scaling, never fatal.
+    assert all(g.update(False, True, 1024.0) is None for _ in range(10))
+    assert g.update(False, True, 1.0) is None and g.update(False, True, 1.0) is None
+    assert g.update(True, False, 1.0) is None  # a good step resets the count
+    assert g.update(False, True, 1.0) is None and g.update(False, True, 1.0) is None
+    assert "3 consecutive overflow steps" in g.update(False, True, 1.0)
+
+
+def test_shard_check_shows_both_sides():
+    manifest = {"format_version": 1, "tokenizer": {"vocab_size": 1000, "fingerprint": "abc"},
+                "settings": {"max_seq_len": 128}}
+    check_shards(manifest, "data.train=x", BertConfig.preset("tiny", vocab_size=1000), 1)
+    with pytest.raises(ConfigError, match=r"vocab_size 1000 \(fingerprint abc\) but the model has vocab_size 999"):
+        check_shards(manifest, "data.train=x", BertConfig.preset("tiny", vocab_size=999), 1)
+    with pytest.raises(ConfigError, match="max_seq_len is 128 but the model's max_position_embeddings is 64"):
+        check_shards(manifest, "x", BertConfig.preset("tiny", vocab_size=1000, max_position_embeddings=64), 1)
+    with pytest.raises(ConfigError, match="format_version 1 but this code reads format_version 2"):
+        check_shards(manifest, "x", BertConfig.preset("tiny", vocab_size=1000), 2)
+
+
+def test_metrics_writer_truncates_after_resume_step(tmp_path):
+    from trainer.metrics import MetricsWriter
+
+    w = MetricsWriter(str(tmp_path), enabled=True)
+    for s in range(1, 6):
+        w.record({"step": s, "loss": float(s)})
+    w.record({"step": 6, "loss": float("nan")})
+    w.close()
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[5])["loss"] == "nan"  # valid JSON, visible
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a line cut by kill -9
+    w = MetricsWriter(str(tmp_path), enabled=True, resume_step=3)
+    w.record({"step": 4, "loss": 40.0})
+    w.close()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_ds_overrides_replace_existing_keys_only():
+    from trainer.config import parse_overrides
+    from trainer.train import apply_ds_overrides
+
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
+    got = apply_ds_overrides(ds, "zero2.json", parse_overrides(["ds.optimizer.params.lr=1e-3",
+                                                                 "ds.train_micro_batch_size_per_gpu=8"]))
+    assert got["optimizer"]["params"]["lr"] == 1e-3 and got["train_micro_batch_size_per_gpu"] == 8
+    assert ds["optimizer"]["params"]["lr"] == 1e-4  # the loaded JSON itself is untouched
+    with pytest.raises(ConfigError, match="zero2.json has no key 'optimizer.params.learning_rate'"):
+        apply_ds_overrides(ds, "zero2.json", parse_overrides(["ds.optimizer.params.learning_rate=1"]))
