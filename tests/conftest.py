@@ -49,6 +49,53 @@ def data_built(tmp_path_factory, data_corpus, data_tokenizer):
     return out
 
 
+# --- trainer fixtures ---
+# Tiny real-text shards for the training-loop tests (tests/test_train*.py): a vocab-1000 tokenizer and
+# seq-64 shards from the stdlib docstrings, built once per session (~2 s).
+TRAIN_SEQ_LEN = 64
+
+
+def _train_build(root, max_docs, seq_len, vocab_size=1000, tok_docs=None):
+    from data.build import build
+    from data.corpus import CorpusOptions, iter_corpus_sentences, python_docs_corpus
+    from data.tokenizer import train_tokenizer
+
+    corpus = str(root / "corpus.txt")
+    python_docs_corpus(corpus, max_docs=max_docs)
+    tok_corpus = corpus
+    if tok_docs is not None:  # a different tokenizer: trained on another slice of the docs
+        tok_corpus = str(root / "tok_corpus.txt")
+        python_docs_corpus(tok_corpus, max_docs=tok_docs)
+    tok = train_tokenizer(iter_corpus_sentences(CorpusOptions([tok_corpus])), vocab_size=vocab_size,
+                          show_progress=False)
+    tok.save(str(root / "tokenizer"))
+    out = str(root / "shards")
+    build([corpus], str(root / "tokenizer"), out, workers=1, max_seq_len=seq_len,
+          max_predictions=max(2, seq_len * 15 // 100), dupe_factor=2, valid_fraction=0.1, shard_size=300,
+          block_docs=100, seed=3, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    """Shard folder (train + valid splits, manifest, tokenizer/) at seq 64, vocab 1000."""
+    return _train_build(tmp_path_factory.mktemp("train_shards"), max_docs=400, seq_len=TRAIN_SEQ_LEN)
+
+
+@pytest.fixture(scope="session")
+def train_shards_128(tmp_path_factory):
+    """Same documents and tokenizer recipe at seq 128 (a 'phase 2' set for init_from)."""
+    return _train_build(tmp_path_factory.mktemp("train_shards_p2"), max_docs=400, seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def train_shards_other_tok(tmp_path_factory):
+    """Shards whose tokenizer has the same vocab size but different contents (another fingerprint)."""
+    return _train_build(tmp_path_factory.mktemp("train_shards_tok2"), max_docs=400, seq_len=TRAIN_SEQ_LEN,
+                        tok_docs=900)
+# --- end trainer fixtures ---
+
+
 # --- eval fixtures ---
 # Tiny pretraining runs made by the real launcher (launcher/pretrain.py) on the trainer's train_shards, for
 # tests/test_eval_export.py and tests/test_finetune.py: one process ZeRO-2 with fp16 (-> bf16 on CPU), and

@@ -340,11 +340,11 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, t
     assert tags[-1] == checkpoint.tag_for(stopped - 1)  # the bad step itself was not saved
 
 
-def test_phase2_init_from_loads_weights_only(reference_run, train_shards_512, tmp_path):
+def test_phase2_init_from_loads_weights_only(reference_run, train_shards_128, tmp_path):
     ds = write_ds(tmp_path, micro=4)
     out = tmp_path / "phase2"
     ref_ckpt = str(reference_run["out"] / "checkpoints")
-    cfg = write_run(tmp_path, train_shards_512, out, max_steps=2, eval_every=2, eval_batches=4,
+    cfg = write_run(tmp_path, train_shards_128, out, max_steps=2, eval_every=2, eval_batches=4,
                     init_from=ref_ckpt)
     p = run_plain(ds, cfg)
     assert "initialised weights from" in p.stdout and "(step 9)" in p.stdout
@@ -352,7 +352,7 @@ def test_phase2_init_from_loads_weights_only(reference_run, train_shards_512, tm
     assert sorted(recs) == [1, 2] and recs[1]["lr"] == pytest.approx(schedule.lr_at(0, 1e-3, 0, 2))
     # The same run without init_from starts from random weights: its held-out loss at step 0 is worse.
     out0 = tmp_path / "fresh"
-    run_plain(ds, write_run(tmp_path, train_shards_512, out0, max_steps=1, eval_every=2, eval_batches=4))
+    run_plain(ds, write_run(tmp_path, train_shards_128, out0, max_steps=1, eval_every=2, eval_batches=4))
     assert val_records(out)[0]["val/mlm_loss"] < val_records(out0)[0]["val/mlm_loss"] - 0.05
 
 
