@@ -189,6 +189,13 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
     manifest = json.loads((Path(train_shards) / "manifest.json").read_text())
     assert cs["tokenizer_fingerprint"] == manifest["tokenizer"]["fingerprint"] and cs["max_seq_len"] == 64
     assert cs["run_config"]["train"]["max_steps"] == T and cs["model_config"]["vocab_size"] == 1000
+    # The optimizer really ran with our schedule and BERT's weight-decay groups (decay from the DS JSON).
+    for r in range(2):
+        optim = torch.load(out / "checkpoints" / "step_0000009" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                           map_location="cpu", weights_only=False)
+        groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(schedule.lr_at(T - 1, 1e-3, W, T), 0.01),
+                                                                  (schedule.lr_at(T - 1, 1e-3, W, T), 0.0)]
     # The fp16 -> bf16 switch is said once (rank 0), and the summary line is printed.
     assert reference_run["logs"][0].count("switched") == 1 and "switched" not in reference_run["logs"][1]
     assert "done: 9 steps" in reference_run["logs"][0] and "tensorboard --logdir" in reference_run["logs"][0]
@@ -230,13 +237,26 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path):
     assert_same_as_reference(out, reference_run["out"])
 
 
-def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path):
+@pytest.mark.parametrize("target", [
+    "rank_process",
+    # Slurm and the deepspeed launcher signal a rank's whole process tree, DataLoader workers included. torch
+    # installs a SIGTERM handler in workers that kills them when the sender is not their parent, which then
+    # crashes the rank mid-step. Fixing it belongs to trainer/loader.py (workers must ignore SIGTERM/SIGUSR1);
+    # strict xfail: this starts failing (XPASS) the day that lands, so the marker gets removed.
+    pytest.param("process_group", marks=pytest.mark.xfail(
+        strict=True, reason="loader workers die on SIGTERM (torch's worker handler); needs a worker_init_fn")),
+])
+def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target):
     ds = reference_run["ds"]
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, **RESUME_TRAIN)
     procs = spawn_srun_like(tmp_path, ds, cfg, log_name="first")
     wait_for_checkpoint(out, procs, "step_0000003")
-    procs[1].send_signal(signal.SIGTERM)  # only rank 1: the ranks must agree on stopping
+    # Only rank 1: the ranks must agree on stopping.
+    if target == "rank_process":
+        procs[1].send_signal(signal.SIGTERM)
+    else:
+        os.killpg(procs[1].pid, signal.SIGTERM)
     codes, logs = wait_all(procs, tmp_path, "first")
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "stop requested" in logs[0]

@@ -441,6 +441,11 @@ def run(argv: Optional[list[str]] = None) -> int:
     tokenizer = load_tokenizer(os.path.join(train_dir, "tokenizer")) if rank == 0 else None
     pad_id = train_manifest["tokenizer"]["pad_id"]
 
+    # Installed before any DataLoader worker is forked: workers inherit the flag-only handler, so a SIGTERM to
+    # the whole process group (Slurm, the deepspeed launcher) cannot kill them before the checkpoint is saved.
+    stop = StopFlag()
+    stop.install()
+
     # Fixed validation examples for the text panel: every rank keeps its first valid batch (every rank must
     # run each forward under ZeRO-3), rank 0 shows its first few.
     fixed_batch = _first_batch(valid_loader()) if has_valid else None
@@ -459,9 +464,6 @@ def run(argv: Optional[list[str]] = None) -> int:
         log(rank, f"measured matmul peak {peak_tflops:.3f} TFLOPS per rank ({prec}) for MFU; set train.peak_tflops "
                   f"to use the device's datasheet value")
 
-    stop = StopFlag()
-    stop.install()
-
     def client_state() -> dict:
         data_states = checkpoint.gather(loader.state_dict())
         rngs = checkpoint.gather(checkpoint.rng_state())
@@ -471,8 +473,7 @@ def run(argv: Optional[list[str]] = None) -> int:
                 "tokenizer_fingerprint": fingerprint, "max_seq_len": max_seq_len,
                 "format_version": train_manifest["format_version"]}
 
-    last_saved: Optional[str] = checkpoint.tag_for(step) if resume_from else None
-    last_saved_path = os.path.join(ckpt_dir, last_saved) if last_saved else None
+    last_saved_path: Optional[str] = os.path.join(ckpt_dir, checkpoint.tag_for(step)) if resume_from else None
 
     def save() -> str:
         nonlocal last_saved_path
