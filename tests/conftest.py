@@ -99,9 +99,10 @@ def train_shards_other_tok(tmp_path_factory):
 # --- eval fixtures ---
 # Tiny pretraining runs made by the real launcher (launcher/pretrain.py) on the trainer's train_shards, for
 # tests/test_eval_export.py and tests/test_finetune.py: one process ZeRO-2 with fp16 (-> bf16 on CPU), and
-# `deepspeed --num_gpus 2` ZeRO-2 in fp32 (a checkpoint partitioned over 2 ranks). Validation runs over the
+# `deepspeed --num_gpus 2` ZeRO-2 in fp32 (a checkpoint partitioned over 2 ranks), one process ZeRO-3 bf16
+# (parameters partitioned too). 8 steps each (~10-30 s on 2 cores). Validation runs over the
 # whole valid split at the end, so evaluate.py has logged numbers to match.
-def _eval_pretrain(tmp, shards, out, world, fp16):
+def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json"):
     import json
     import socket
     import subprocess
@@ -111,7 +112,7 @@ def _eval_pretrain(tmp, shards, out, world, fp16):
     import yaml
 
     repo = Path(__file__).resolve().parents[1]
-    ds = json.loads((repo / "ds_configs" / "zero2.json").read_text())
+    ds = json.loads((repo / "ds_configs" / ds_name).read_text())
     ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
     ds["optimizer"]["params"]["lr"] = 2e-3
     if not fp16:
@@ -152,4 +153,11 @@ def eval_run_2rank(tmp_path_factory, train_shards):
     """Run directory of a 2-rank (`deepspeed --num_gpus 2`) ZeRO-2 fp32 pretraining run."""
     tmp = tmp_path_factory.mktemp("eval_run_2rank")
     return _eval_pretrain(tmp, train_shards, tmp / "run", world=2, fp16=False)
+
+
+@pytest.fixture(scope="session")
+def eval_run_zero3(tmp_path_factory, train_shards):
+    """Run directory of a 1-process ZeRO-3 bf16 pretraining run (parameters partitioned in the checkpoint)."""
+    tmp = tmp_path_factory.mktemp("eval_run_zero3")
+    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True, ds_name="zero3.json")
 # --- end eval fixtures ---

@@ -45,7 +45,7 @@ def evaluate_json(run_dir, data, *args):
     return json.loads(p.stdout.strip().splitlines()[-1]), p
 
 
-@pytest.mark.parametrize("fixture", ["eval_run", "eval_run_2rank"])
+@pytest.mark.parametrize("fixture", ["eval_run", "eval_run_2rank", "eval_run_zero3"])
 def test_evaluate_equals_the_runs_logged_validation(request, fixture, train_shards):
     run_dir = request.getfixturevalue(fixture)
     logged = last_validation(run_dir)
@@ -53,10 +53,21 @@ def test_evaluate_equals_the_runs_logged_validation(request, fixture, train_shar
     assert result["step"] == logged["step"] == 8
     assert result["samples"] == logged["val/samples"] and result["predictions"] == logged["val/predictions"]
     assert result["samples"] == json.loads(Path(train_shards, "manifest.json").read_text())["splits"]["valid"]["samples"]
+    # Same code, same batches, same precision: only float64 summation order differs across ranks. Under
+    # ZeRO-3 DeepSpeed swaps nn.Linear's function for its own (matmul, then `+= bias`, instead of one fused
+    # addmm on 3-D inputs), which rounds differently in bf16: losses agree to ~1e-4 there (perplexity =
+    # exp(loss) to ~1e-4 * loss), and an argmax may flip: accuracies within 2 predictions.
     for k in METRICS:
-        # Same code, same batches, same precision: only float64 summation order differs across ranks.
-        assert result[k] == pytest.approx(logged[f"val/{k}"], rel=1e-9, abs=1e-12), k
+        if fixture != "eval_run_zero3":
+            assert result[k] == pytest.approx(logged[f"val/{k}"], rel=1e-9, abs=1e-12), k
+        elif k.endswith("_acc"):
+            n = result["predictions"] if k == "mlm_acc" else result["samples"]
+            assert abs(result[k] - logged[f"val/{k}"]) <= 2 / n, k
+        else:
+            assert result[k] == pytest.approx(logged[f"val/{k}"], rel=1e-3), k
     assert "mlm_loss" in p.stdout and "perplexity" in p.stdout  # the table
+    if fixture == "eval_run_zero3":  # parameters partitioned: the module file holds placeholders only
+        assert glob.glob(os.path.join(run_dir, "checkpoints", "step_0000008", "zero_pp_rank_0_*model_states.pt"))
     expected_ranks = 2 if fixture == "eval_run_2rank" else 1
     assert result["ranks"] == expected_ranks
     assert result["dtype"] == ("fp32" if fixture == "eval_run_2rank" else "bf16")
@@ -73,14 +84,14 @@ def test_two_rank_checkpoint_is_partitioned_and_reading_as_one_rank_agrees(eval_
         assert one[k] == pytest.approx(logged[f"val/{k}"], rel=1e-4), k
 
 
-def test_evaluate_refuses_other_tokenizer_and_sequence_length(eval_run, train_shards_other_tok, train_shards_512):
+def test_evaluate_refuses_other_tokenizer_and_sequence_length(eval_run, train_shards_other_tok, train_shards_128):
     mine = load_tokenizer(os.path.join(eval_run, "tokenizer")).fingerprint
     other = json.loads(Path(train_shards_other_tok, "manifest.json").read_text())["tokenizer"]["fingerprint"]
     assert mine != other
     p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", train_shards_other_tok, expect=2)
     assert "tokenizer mismatch" in p.stderr and mine in p.stderr and other in p.stderr
     assert "Traceback" not in p.stderr
-    p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", train_shards_512, expect=2)
+    p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", train_shards_128, expect=2)
     assert "sequence length mismatch" in p.stderr and "128" in p.stderr and "64" in p.stderr
 
 
@@ -104,6 +115,18 @@ def test_consolidation_returns_fp32_masters_not_upcast_bf16(eval_run):
     swapped = dict(sd, **{a: sd[b], b: sd[a]})
     with pytest.raises(RunDirError, match="disagree"):
         _check_against_module(swapped, states, meta.checkpoint_dir)
+
+
+def test_export_from_zero3_checkpoint(eval_run_zero3, tmp_path):
+    out = tmp_path / "hf3"
+    p = run_cli(EXPORT, "--checkpoint", eval_run_zero3, "--out", out)
+    assert "read-back logits identical" in p.stdout and "zero_to_fp32" in p.stdout
+    from bert.hf import from_hf
+
+    ours, _tok, _meta = load_run(eval_run_zero3)
+    back = from_hf(str(out))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
 
 
 @pytest.fixture(scope="module")

@@ -65,10 +65,7 @@ def ds_config(tmp, micro=16):
 
 
 def run_finetune(*args, expect=0):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, FINETUNE, *map(str, args)], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, FINETUNE, *map(str, args)], capture_output=True, text=True, env=_clean_env(),
                        timeout=400)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}"
     return p
@@ -220,6 +217,41 @@ def test_finetune_sentence_pairs(eval_run, task_files, tmp_path):
     assert summary["best_dev_accuracy"] > 0.9, p.stdout + p.stderr[-3000:]
     _model, _tok, info = load_classifier(str(out / "best"))
     assert info["paired"] is True
+
+
+def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path):
+    out = tmp_path / "two"
+    env_port = str(_free_port())
+    p = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", env_port,
+                        FINETUNE, "--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train",
+                        task_files["train"], "--dev", task_files["dev"], "--lr", "1e-3", "--epochs", "2", "--max-len",
+                        "64", "--out", str(out)], capture_output=True, text=True, env=_clean_env(), timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    # The deepspeed launcher adds its own log lines after the ranks' output: take our JSON line.
+    summary = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith('{"task"')][-1])
+    run = summary["runs"][0]
+    assert run["batch_size"] == 32  # micro 16 x 2 ranks
+    assert run["steps"] == 2 * (160 // 16)  # 320 examples / 2 ranks = 160 per rank per epoch
+    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if "dev/accuracy" in r]
+    assert [r["dev/examples"] for r in epochs] == [100, 100]  # disjoint shards, padding not counted
+    model, tok, info = load_classifier(str(out / "best"))
+    task = load_local_task(task_files["train"], task_files["dev"], Columns())
+    assert accuracy(model, tok, task.dev) == pytest.approx(summary["best_dev_accuracy"], abs=0.02)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files, tmp_path):
