@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.finetune import (Columns, FinetuneError, Split, collate, dev_batches, encode_split, load_classifier,
+from trainer.finetune import (Columns, FinetuneError, collate, dev_batches, encode_split, load_classifier,
                               load_local_task, train_batches)
 
 REPO = Path(__file__).resolve().parents[1]
