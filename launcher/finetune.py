@@ -111,6 +111,10 @@ def main(argv=None) -> int:
     pretrained, own_tokenizer, meta = load_pretrained(a.model, a.tag)
     tokenizer = load_tokenizer(a.tokenizer) if a.tokenizer else own_tokenizer
     check_tokenizer(tokenizer, meta, a.allow_tokenizer_mismatch, pretrained.config.vocab_size)
+    if a.max_len > pretrained.config.max_position_embeddings:
+        raise FinetuneError(f"--max-len {a.max_len} exceeds the model's max_position_embeddings "
+                            f"{pretrained.config.max_position_embeddings} ({a.model}); pass --max-len "
+                            f"{pretrained.config.max_position_embeddings} or less")
 
     if a.task is not None:
         # Rank 0 downloads into the datasets cache first; the others then read the cache.

@@ -271,7 +271,7 @@ def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files
     assert p.stdout.count("e-05") >= 3  # one table row per learning rate
 
 
-def test_tokenizer_mismatch_is_refused(eval_run, train_shards_other_tok, task_files, tmp_path):
+def test_tokenizer_mismatch_and_too_long_max_len_are_refused(eval_run, train_shards_other_tok, task_files, tmp_path):
     other = os.path.join(train_shards_other_tok, "tokenizer")
     p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--tokenizer", other,
                      "--train", task_files["train"], "--dev", task_files["dev"], "--out", tmp_path / "x", expect=2)
@@ -282,6 +282,10 @@ def test_tokenizer_mismatch_is_refused(eval_run, train_shards_other_tok, task_fi
     assert "tokenizer mismatch" in p.stderr and fp_run in p.stderr and fp_other in p.stderr
     assert "--allow-tokenizer-mismatch" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+    # The tiny run has 64 positions: the default --max-len 128 is refused up front, not mid-training.
+    p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["train"],
+                     "--dev", task_files["dev"], "--out", tmp_path / "y", expect=2)
+    assert "--max-len 128 exceeds the model's max_position_embeddings 64" in p.stderr
 
 
 def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards_other_tok, tmp_path):
