@@ -282,6 +282,13 @@ def test_tokenizer_mismatch_and_too_long_max_len_are_refused(eval_run, train_sha
     assert "tokenizer mismatch" in p.stderr and fp_run in p.stderr and fp_other in p.stderr
     assert "--allow-tokenizer-mismatch" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+    # Explicitly allowed: it runs, warns, and the saved model records both fingerprints.
+    p = run_finetune("--deepspeed", ds_config(tmp_path, micro=32), "--model", eval_run, "--tokenizer", other,
+                     "--allow-tokenizer-mismatch", "--train", task_files["train"], "--dev", task_files["dev"],
+                     "--epochs", "1", "--max-len", "32", "--out", tmp_path / "z")
+    assert "warning: tokenizer mismatch" in p.stderr
+    _m, _t, info = load_classifier(str(tmp_path / "z" / "best"))
+    assert info["tokenizer_fingerprint"] == fp_other and info["pretraining_tokenizer_fingerprint"] == fp_run
     # The tiny run has 64 positions: the default --max-len 128 is refused up front, not mid-training.
     p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["train"],
                      "--dev", task_files["dev"], "--out", tmp_path / "y", expect=2)
