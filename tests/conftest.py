@@ -102,7 +102,7 @@ def train_shards_other_tok(tmp_path_factory):
 # `deepspeed --num_gpus 2` ZeRO-2 in fp32 (a checkpoint partitioned over 2 ranks), one process ZeRO-3 bf16
 # (parameters partitioned too). 8 steps each (~10-30 s on 2 cores). Validation runs over the
 # whole valid split at the end, so evaluate.py has logged numbers to match.
-def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json"):
+def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json", stage=None):
     import json
     import socket
     import subprocess
@@ -117,6 +117,8 @@ def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json"):
     ds["optimizer"]["params"]["lr"] = 2e-3
     if not fp16:
         ds.pop("fp16")
+    if stage is not None:
+        ds["zero_optimization"]["stage"] = stage
     ds_path, cfg_path = Path(tmp) / "ds.json", Path(tmp) / "run.yaml"
     ds_path.write_text(json.dumps(ds))
     cfg_path.write_text(yaml.safe_dump({
@@ -160,4 +162,11 @@ def eval_run_zero3(tmp_path_factory, train_shards):
     """Run directory of a 1-process ZeRO-3 bf16 pretraining run (parameters partitioned in the checkpoint)."""
     tmp = tmp_path_factory.mktemp("eval_run_zero3")
     return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True, ds_name="zero3.json")
+
+
+@pytest.fixture(scope="session")
+def eval_run_zero0(tmp_path_factory, train_shards):
+    """Run directory of a 1-process stage-0 bf16 run: no ZeRO files, fp32 masters inside the optimizer state."""
+    tmp = tmp_path_factory.mktemp("eval_run_zero0")
+    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True, stage=0)
 # --- end eval fixtures ---

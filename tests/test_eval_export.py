@@ -45,7 +45,7 @@ def evaluate_json(run_dir, data, *args):
     return json.loads(p.stdout.strip().splitlines()[-1]), p
 
 
-@pytest.mark.parametrize("fixture", ["eval_run", "eval_run_2rank", "eval_run_zero3"])
+@pytest.mark.parametrize("fixture", ["eval_run", "eval_run_2rank", "eval_run_zero3", "eval_run_zero0"])
 def test_evaluate_equals_the_runs_logged_validation(request, fixture, train_shards):
     run_dir = request.getfixturevalue(fixture)
     logged = last_validation(run_dir)
@@ -100,9 +100,13 @@ def test_bad_tag_names_available_tags(eval_run, train_shards):
     assert "step_9999999" in p.stderr and "step_0000008" in p.stderr
 
 
-def test_consolidation_returns_fp32_masters_not_upcast_bf16(eval_run):
-    model, _tok, meta = load_run(eval_run)
+@pytest.mark.parametrize("fixture", ["eval_run", "eval_run_zero0"])
+def test_consolidation_returns_fp32_masters_not_upcast_bf16(request, fixture):
+    model, _tok, meta = load_run(request.getfixturevalue(fixture))
     assert meta.eval_dtype() == "bf16" and meta.tag == "step_0000008"
+    # ZeRO-2: DeepSpeed's merge; stage 0: the bf16 optimizer's flat fp32 groups (decay / no-decay), each
+    # parameter attributed to its group by matching the saved bf16 module weights.
+    assert ("zero_to_fp32" if fixture == "eval_run" else "fp32 master") in meta.consolidation
     states = read_model_states(meta.checkpoint_dir)
     sd = {k: v for k, v in model.state_dict().items()}
     w = sd["bert.encoder.layer.0.attention.self.query.weight"]

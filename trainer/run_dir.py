@@ -160,7 +160,9 @@ def _unflatten_master(states: dict, model: torch.nn.Module) -> dict[str, torch.T
     shapes = states.get("param_shapes")
     if not shapes:
         named = list(model.named_parameters())  # tied parameters listed once, as the optimizer saw them
-        if len(flats) != 1 or flats[0].numel() != sum(p.numel() for _, p in named):
+        if len(flats) != 1:
+            return _attribute_groups(flats, named, states.get("module") or {})
+        if flats[0].numel() != sum(p.numel() for _, p in named):
             return None
         shapes = [{name: p.shape for name, p in named}]
     elif isinstance(shapes, dict):
@@ -176,6 +178,30 @@ def _unflatten_master(states: dict, model: torch.nn.Module) -> dict[str, torch.T
             offset += n
         if offset != flat.numel():
             raise RunDirError(f"fp32_groups_flat group has {flat.numel()} elements, param_shapes sum to {offset}")
+    return out
+
+
+def _attribute_groups(flats: list[torch.Tensor], named: list, module: dict) -> dict[str, torch.Tensor] | None:
+    """Several flat master groups without param_shapes (e.g. weight-decay / no-decay groups at stage 0):
+    each group holds its parameters in model order, so walk the model's parameters and give each to the one
+    group whose next slice, rounded to the saved module dtype, is exactly the saved module tensor. None when
+    that is not unique for some parameter (or sizes do not add up): the caller then uses the module weights."""
+    offsets = [0] * len(flats)
+    out = {}
+    for name, p in named:
+        stored = module.get(name)
+        if stored is None or stored.numel() != p.numel():
+            return None
+        n = p.numel()
+        fits = [g for g, flat in enumerate(flats) if offsets[g] + n <= flat.numel() and torch.equal(
+            flat[offsets[g]: offsets[g] + n].view(stored.shape).to(stored.dtype), stored)]
+        if len(fits) != 1:
+            return None
+        g = fits[0]
+        out[name] = flats[g][offsets[g]: offsets[g] + n].view(p.shape).clone().float()
+        offsets[g] += n
+    if offsets != [flat.numel() for flat in flats]:
+        return None
     return out
 
 
