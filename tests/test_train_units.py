@@ -237,3 +237,16 @@ def test_ds_overrides_replace_existing_keys_only():
     assert ds["optimizer"]["params"]["lr"] == 1e-4  # the loaded JSON itself is untouched
     with pytest.raises(ConfigError, match="zero2.json has no key 'optimizer.params.learning_rate'"):
         apply_ds_overrides(ds, "zero2.json", parse_overrides(["ds.optimizer.params.learning_rate=1"]))
+
+
+def test_cli_flags_are_pinned():
+    from trainer.train import build_parser
+
+    p = build_parser()
+    flags = sorted(s for a in p._actions for s in a.option_strings)
+    assert flags == sorted(["--config", "--deepspeed", "--local-rank", "--local_rank", "-h", "--help"])
+    # The deepspeed launcher puts --local_rank=N first; overrides may sit anywhere.
+    a = p.parse_intermixed_args(["--local_rank=1", "--deepspeed", "z.json", "train.max_steps=3", "--config", "r.yaml",
+                                 "ds.optimizer.params.lr=1e-3"])
+    assert (a.local_rank, a.deepspeed, a.config) == (1, "z.json", "r.yaml")
+    assert a.overrides == ["train.max_steps=3", "ds.optimizer.params.lr=1e-3"]

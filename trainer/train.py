@@ -376,6 +376,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     _seed_all(t.seed)
     model = BertForPreTraining(model_cfg)
     init_client = None
+    if t.init_from and resume_from is not None:
+        log(rank, f"train.init_from={t.init_from} ignored: resuming this run's own checkpoint instead")
     if t.init_from and resume_from is None:
         init_client = checkpoint.load_weights(model, t.init_from)
         if init_client.get("tokenizer_fingerprint") != fingerprint:
@@ -411,9 +413,12 @@ def run(argv: Optional[list[str]] = None) -> int:
         raise ConfigError(f"data.train: {e}") from None
 
     def valid_loader():
-        return PretrainLoader(valid_dir, "valid", micro, rank=rank, world_size=world, seed=t.seed,
-                              num_workers=cfg.data.num_workers, shuffle=False, loop=False,
-                              max_bad_samples=cfg.data.max_bad_samples)
+        try:
+            return PretrainLoader(valid_dir, "valid", micro, rank=rank, world_size=world, seed=t.seed,
+                                  num_workers=cfg.data.num_workers, shuffle=False, loop=False,
+                                  max_bad_samples=cfg.data.max_bad_samples)
+        except ValueError as e:
+            raise ConfigError(f"validation data {valid_dir}: {e}") from None
 
     has_valid = (valid_manifest.get("splits", {}).get("valid", {}).get("samples") or 0) > 0
     if not has_valid:
