@@ -84,15 +84,23 @@ def test_two_rank_checkpoint_is_partitioned_and_reading_as_one_rank_agrees(eval_
         assert one[k] == pytest.approx(logged[f"val/{k}"], rel=1e-4), k
 
 
-def test_evaluate_refuses_other_tokenizer_and_sequence_length(eval_run, train_shards_other_tok, train_shards_128):
+def test_evaluate_refuses_other_tokenizer_and_sequence_length(eval_run, train_shards, train_shards_other_tok,
+                                                             tmp_path):
     mine = load_tokenizer(os.path.join(eval_run, "tokenizer")).fingerprint
     other = json.loads(Path(train_shards_other_tok, "manifest.json").read_text())["tokenizer"]["fingerprint"]
     assert mine != other
     p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", train_shards_other_tok, expect=2)
     assert "tokenizer mismatch" in p.stderr and mine in p.stderr and other in p.stderr
     assert "Traceback" not in p.stderr
-    p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", train_shards_128, expect=2)
-    assert "sequence length mismatch" in p.stderr and "128" in p.stderr and "64" in p.stderr
+    # Same tokenizer (the run's own), built at seq 128 instead of the run's 64.
+    from data.build import build
+
+    long_shards = str(tmp_path / "shards128")
+    build([str(Path(train_shards).parent / "corpus.txt")], os.path.join(eval_run, "tokenizer"), long_shards,
+          workers=1, max_seq_len=128, max_predictions=20, dupe_factor=1, valid_fraction=0.1, shard_size=300,
+          block_docs=100, seed=3, progress=False)
+    p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", long_shards, expect=2)
+    assert "sequence length mismatch" in p.stderr and "max_seq_len 128" in p.stderr and "max_seq_len 64" in p.stderr
 
 
 def test_bad_tag_names_available_tags(eval_run, train_shards):
