@@ -239,12 +239,9 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path):
 
 @pytest.mark.parametrize("target", [
     "rank_process",
-    # Slurm and the deepspeed launcher signal a rank's whole process tree, DataLoader workers included. torch
-    # installs a SIGTERM handler in workers that kills them when the sender is not their parent, which then
-    # crashes the rank mid-step. Fixing it belongs to trainer/loader.py (workers must ignore SIGTERM/SIGUSR1);
-    # strict xfail: this starts failing (XPASS) the day that lands, so the marker gets removed.
-    pytest.param("process_group", marks=pytest.mark.xfail(
-        strict=True, reason="loader workers die on SIGTERM (torch's worker handler); needs a worker_init_fn")),
+    # Slurm and the deepspeed launcher signal a rank's whole process tree, DataLoader workers included:
+    # the workers must ignore it (trainer/loader.py) so the rank can finish the step and save.
+    "process_group",
 ])
 def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target):
     ds = reference_run["ds"]

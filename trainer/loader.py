@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -53,6 +54,14 @@ STATE_VERSION = 1
 MODEL_INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
                     "masked_lm_weights", "next_sentence_label")
 _PAD_MULTIPLE = 8  # tensor-core / vector friendly sequence length
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore the stop signals: Slurm and the deepspeed launcher signal a rank's whole process tree,
+    and torch's worker SIGTERM handler would kill the worker mid-step, crashing the rank before it can save.
+    The rank decides when to stop; its workers end with it (torch's watchdog exits them when the parent goes)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class DataCorruptionError(RuntimeError):
@@ -512,7 +521,7 @@ class PretrainLoader:
         else:
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                      persistent_workers=False, prefetch_factor=self.prefetch_factor,
-                                     collate_fn=_identity))
+                                     collate_fn=_identity, worker_init_fn=_ignore_stop_signals))
         return self._consume(source)
 
     def _consume(self, source: Iterator[dict]) -> Iterator[dict]:
