@@ -402,6 +402,18 @@ def python_docs_corpus(out_path: str, max_docs: int | None = None, min_sentences
     return n_docs
 
 
-if __name__ == "__main__":  # python -m data.corpus OUT [MAX_DOCS]: write the stdlib-docstring corpus
-    n = python_docs_corpus(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
-    print(f"wrote {n} documents to {sys.argv[1]}")
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m data.corpus",
+                                description="Write a Google-format corpus (one sentence per line, blank line "
+                                            "between documents) from this interpreter's stdlib docstrings.")
+    p.add_argument("out", help="output text file")
+    p.add_argument("max_docs", nargs="?", type=int, default=None, help="stop after this many documents")
+    a = p.parse_args(argv)
+    n = python_docs_corpus(a.out, a.max_docs)
+    print(f"wrote {n} documents to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
