@@ -192,6 +192,14 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_engine(model: torch.nn.Module, ds_cfg: dict):
+    """The DeepSpeed engine as pretraining uses it (also timed by launcher/bench.py): optimizer, precision and
+    batch sizes all come from the resolved JSON; BERT's weight-decay groups."""
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+    return engine
+
+
 def flop_counts(model) -> dict:
     """Parameter counts for FLOPs per step (REFERENCE §7: ≈ 6 N per token + 12 L H S attention).
 
@@ -215,10 +223,12 @@ def step_flops(fc: dict, tokens: float, predictions: float, sequences: float, se
             + 12.0 * fc["layers"] * fc["hidden"] * seq_len * tokens)
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Achievable matmul TFLOPS on this device in the training dtype (MFU denominator when not configured)."""
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
+                        n: Optional[int] = None) -> float:
+    """Achievable matmul TFLOPS on this device in the dtype (MFU denominator when not configured):
+    2 n^3 FLOPs per n x n GEMM."""
     g = torch.Generator(device="cpu").manual_seed(0)  # own generator: the global RNG stays untouched
-    n = 1024 if device.type == "cpu" else 8192
+    n = n or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
@@ -331,7 +341,6 @@ def run(argv: Optional[list[str]] = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from bert import BertForPreTraining
@@ -388,7 +397,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     _seed_all(t.seed + 1000 * rank)
     fc = flop_counts(model)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+    engine = build_engine(model, ds_cfg)
     device = engine.device
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
