@@ -55,7 +55,7 @@ def data_built(tmp_path_factory, data_corpus, data_tokenizer):
 TRAIN_SEQ_LEN = 64
 
 
-def _train_build(root, max_docs, seq_len, vocab_size=1000, tok_docs=None):
+def _train_build(root, max_docs, seq_len, vocab_size=1000, tok_docs=None, tokenizer_dir=None):
     from data.build import build
     from data.corpus import CorpusOptions, iter_corpus_sentences, python_docs_corpus
     from data.tokenizer import train_tokenizer
@@ -66,11 +66,15 @@ def _train_build(root, max_docs, seq_len, vocab_size=1000, tok_docs=None):
     if tok_docs is not None:  # a different tokenizer: trained on another slice of the docs
         tok_corpus = str(root / "tok_corpus.txt")
         python_docs_corpus(tok_corpus, max_docs=tok_docs)
-    tok = train_tokenizer(iter_corpus_sentences(CorpusOptions([tok_corpus])), vocab_size=vocab_size,
-                          show_progress=False)
-    tok.save(str(root / "tokenizer"))
+    if tokenizer_dir is not None:  # reuse: WordPiece training breaks count ties in hash order, so a
+        tok_dir = tokenizer_dir    # retrain of the same corpus may differ in a few tokens (another fingerprint)
+    else:
+        tok = train_tokenizer(iter_corpus_sentences(CorpusOptions([tok_corpus])), vocab_size=vocab_size,
+                              show_progress=False)
+        tok_dir = str(root / "tokenizer")
+        tok.save(tok_dir)
     out = str(root / "shards")
-    build([corpus], str(root / "tokenizer"), out, workers=1, max_seq_len=seq_len,
+    build([corpus], tok_dir, out, workers=1, max_seq_len=seq_len,
           max_predictions=max(2, seq_len * 15 // 100), dupe_factor=2, valid_fraction=0.1, shard_size=300,
           block_docs=100, seed=3, progress=False)
     return out
@@ -83,9 +87,11 @@ def train_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def train_shards_128(tmp_path_factory):
-    """Same documents and tokenizer recipe at seq 128 (a 'phase 2' set for init_from)."""
-    return _train_build(tmp_path_factory.mktemp("train_shards_p2"), max_docs=400, seq_len=128)
+def train_shards_128(tmp_path_factory, train_shards):
+    """Same documents and the same tokenizer at seq 128 (a 'phase 2' set for init_from)."""
+    import os
+    return _train_build(tmp_path_factory.mktemp("train_shards_p2"), max_docs=400, seq_len=128,
+                        tokenizer_dir=os.path.join(train_shards, "tokenizer"))
 
 
 @pytest.fixture(scope="session")
