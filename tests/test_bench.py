@@ -1,0 +1,68 @@
+"""The benchmark harness runs end to end and its arithmetic is right (speed itself is never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bert import BertConfig
+from trainer import bench
+from trainer import train as T
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(args, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launcher", "bench.py"), *args, "--json", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"results in {out}" in p.stdout
+    return json.loads(out.read_text()), p.stdout
+
+
+def test_synthetic_batch_follows_googles_prediction_count():
+    cfg = BertConfig.preset("tiny")
+    for seq, max_pred, expect in [(128, 20, 19), (512, 80, 77), (32, 5, 5)]:
+        b = bench.synthetic_batch(cfg, 3, seq, max_pred)
+        assert b["input_ids"].shape == (3, seq) and b["masked_lm_positions"].shape == (3, max_pred)
+        assert b["masked_lm_weights"].sum(1).tolist() == [expect] * 3
+        pos = b["masked_lm_positions"][:, :expect]
+        assert (pos >= 1).all() and (pos <= seq - 2).all()  # never [CLS] (0) or the final [SEP]
+
+
+def test_train_compares_three_implementations(tmp_path):
+    res, stdout = run_bench(["train", "--preset", "tiny", "--seq", "32", "--micro-batch", "2", "--max-pred", "5",
+                             "--dtype", "bf16", "--warmup", "1", "--repeats", "2", "--peak-tflops", "1.0"],
+                            tmp_path, "train")
+    names = [r["impl"] for r in res["results"]]
+    assert names == ["a: ours+DeepSpeed", "b: ours plain", "c: transformers"]
+    counts = res["counts"]
+    assert counts == {"tokens": 64.0, "predictions": 10.0, "sequences": 2.0, "seq_len": 32}
+    cfg = BertConfig.preset("tiny")
+    fc = T.flop_counts(bench._meta_model(cfg))
+    assert res["flops_per_step"] == pytest.approx(T.step_flops(fc, 64, 10, 2, 32))
+    for r in res["results"]:
+        assert len(r["times"]) == 2 and r["step_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(64 / r["step_s"])
+        assert r["mfu"] == pytest.approx(res["flops_per_step"] / r["step_s"] / 1e12 / 1.0)
+    by = {r["impl"][0]: r for r in res["results"]}
+    assert res["ratios"]["a/c"] == pytest.approx(by["a"]["tokens_per_s"] / by["c"]["tokens_per_s"])
+    assert res["ratios"]["a/b"] == pytest.approx(by["a"]["tokens_per_s"] / by["b"]["tokens_per_s"])
+    assert "a/c:" in stdout and "mfu" in stdout  # the table is printed
+
+
+def test_peak_loader_and_build(tmp_path, train_shards):
+    res, _ = run_bench(["peak", "--dtypes", "fp32,bf16", "--n", "256", "--seconds", "0.2"], tmp_path, "peak")
+    assert set(res["peak_tflops"]) == {"fp32", "bf16"} and all(v > 0 for v in res["peak_tflops"].values())
+    res, _ = run_bench(["loader", "--data", train_shards, "--micro-batch", "8", "--workers", "0,1", "--batches", "5"],
+                       tmp_path, "loader")
+    assert [r["workers"] for r in res["results"]] == [0, 1]
+    assert all(r["samples_per_s"] > 0 for r in res["results"])
+    corpus = os.path.join(os.path.dirname(train_shards), "corpus.txt")
+    res, _ = run_bench(["build", "--input", corpus, "--tokenizer", os.path.join(train_shards, "tokenizer"),
+                        "--seq", "64", "--max-pred", "9"], tmp_path, "build")
+    row = res["results"][0]
+    assert row["tokens"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
