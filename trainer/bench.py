@@ -28,6 +28,12 @@ from trainer import train as T
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,12 +77,13 @@ def batch_counts(batch: dict) -> dict:
 def _plain_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Callable[[], float]:
     """(b) our model, plain torch loop, torch's AdamW, autocast for bf16."""
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg).train()
+    model = BertForPreTraining(cfg).to(DEVICE).train()
     opt = torch.optim.AdamW(T.param_groups(model), lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
     amp = dtype != torch.float32
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=amp):
             out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,16 +101,18 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Optional[Calla
         return None
     torch.manual_seed(0)
     hcfg = transformers.BertConfig(**cfg.to_dict(), attn_implementation="sdpa")
-    model = transformers.BertForPreTraining(hcfg).train()
+    model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
     opt = torch.optim.AdamW(T.param_groups(model), lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
     labels = torch.full_like(batch["input_ids"], -100)  # HF's dense labels: -100 = no prediction
     rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(batch["masked_lm_positions"])
     real = batch["masked_lm_weights"] > 0
     labels[rows[real], batch["masked_lm_positions"][real]] = batch["masked_lm_ids"][real]
     amp = dtype != torch.float32
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    labels = labels.to(DEVICE)
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=amp):
             out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                         attention_mask=batch["attention_mask"], labels=labels,
                         next_sentence_label=batch["next_sentence_label"])
@@ -153,7 +162,8 @@ def _rss_mb() -> float:
 
 
 def _machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+    return {"device": str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(),
+            "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
@@ -171,7 +181,7 @@ def measure_peak(dtypes: list[str], n: int, seconds: float) -> dict:
     for name in dtypes:
         if name == "fp16" and not _fp16_ok():
             continue
-        out[name] = T.measure_peak_tflops(torch.device("cpu"), DTYPES[name], seconds=seconds, n=n)
+        out[name] = T.measure_peak_tflops(DEVICE, DTYPES[name], seconds=seconds, n=n)
     return out
 
 
@@ -218,8 +228,10 @@ def cmd_train(a) -> dict:
             im.step()
     for _ in range(a.repeats):  # interleaved: every implementation sees the same machine noise
         for im in impls:
+            _sync()
             t0 = time.perf_counter()
-            im.step()
+            im.step()  # ends in .item(): the step has finished when it returns
+            _sync()
             im.times.append(time.perf_counter() - t0)
     fc = T.flop_counts(_meta_model(cfg))
     flops = T.step_flops(fc, counts["tokens"], counts["predictions"], counts["sequences"], counts["seq_len"])
