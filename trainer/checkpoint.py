@@ -77,6 +77,55 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO / bf16 / fp16 optimizers keep it in ``.optimizer``)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def replay_adam_bias_correction(engine) -> int:
+    """Bring the hidden state of DeepSpeed's CPU Adam kernel to where an uninterrupted run has it; returns the
+    number of steps replayed (0 when nothing needs it).
+
+    Why: the CPU ``multi_tensor_adam`` (FusedAdam on the CPU accelerator) keeps beta1^t and beta2^t in a static
+    C++ object (``Adam_Optimizer::IncrementStep``, csrc/includes/cpu_adam.h): std::pow(beta, 1) on the first call
+    of a process, then ``beta_t *= beta`` in float32 on each following step. A resumed process starts with a
+    fresh object and computes std::pow(beta, t) instead, which is not the product of t float32 multiplications:
+    0.999f^6 is 0.99401504 by pow but 0.9940151 by repeated products. That one-ulp difference in the bias
+    correction changes the first resumed update by ~1 ulp and the runs drift apart (a few 1e-5 in the loss
+    after a handful of steps). The checkpoint holds the step count, not this product, so it cannot restore it.
+
+    Fix: call the kernel for steps 1..t on empty tensors. Each call runs only IncrementStep (the update loop has
+    no elements), in the same order FusedAdam.step uses (every step, each group with its betas), so the object
+    ends with exactly the product the uninterrupted run has. Cost ~1.5 us per call: 900k steps x 2 groups ~3 s.
+    The CUDA kernel derives the bias correction from the step alone and needs nothing.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import FusedAdam
+
+    opt = base_optimizer(engine)
+    if not isinstance(opt, FusedAdam) or get_accelerator().device_name() != "cpu":
+        return 0
+    steps = {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"] if "step" in opt.state[p]}
+    if len(steps) > 1:
+        # ZeRO 1/2 step every partition together; different counts mean per-parameter steps we cannot replay.
+        raise ConfigError(f"optimizer state has different step counts per parameter {sorted(steps)}: cannot "
+                          f"restore the CPU Adam kernel's bias-correction state exactly")
+    last = steps.pop() if steps else 0
+    empty = torch.empty(0)
+    noop = torch.zeros(1, dtype=torch.int)
+    groups = [g for g in opt.param_groups if g["params"]]
+    for t in range(1, last + 1):
+        for g in groups:
+            beta1, beta2 = g["betas"]
+            # lr, eps, weight decay only matter for elements, and there are none.
+            opt.multi_tensor_adam(2048 * 32, noop, [[empty], [empty], [empty], [empty]], 0.0, beta1, beta2,
+                                  g["eps"], t, opt.adam_w_mode, 1 if g["bias_correction"] else 0, 0.0)
+    return last
+
+
 def gather(obj) -> list:
     """Every rank's ``obj``, indexed by rank (a list of one when not distributed)."""
     if not (tdist.is_available() and tdist.is_initialized()):

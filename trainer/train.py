@@ -441,6 +441,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         if path is None:
             raise ConfigError(f"could not load a checkpoint from {load_dir} (tag {tag or 'latest'})")
         _check_resume(client, path, fingerprint, max_seq_len, model_cfg, world)
+        checkpoint.replay_adam_bias_correction(engine)  # else the first resumed update differs by ~1 ulp
         step, samples_seen, tokens_seen = client["step"], client["samples_seen"], client["tokens_seen"]
         try:
             loader.load_state_dict(client["data_state"][rank])
