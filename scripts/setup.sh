@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]"
 # DeepSpeed JIT-compiles FusedAdam on first use (~1-2 min with g++); do it once here rather than inside the
-# first training run or test (cached in ~/.cache/torch_extensions; a no-op when already built).
-.venv/bin/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('FusedAdamBuilder').load(verbose=False)" 2>&1 \
+# first training run or test (cached in .venv/torch_extensions, see trainer/dist.py; a no-op when built).
+.venv/bin/python -c "from trainer.dist import pin_extensions_dir; pin_extensions_dir()
+from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('FusedAdamBuilder').load(verbose=False)" 2>&1 \
     | grep -v -e '^\[' -e 'WARNING' || true
 echo "setup: .venv ready ($(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"

@@ -4,7 +4,10 @@ import os
 
 import pytest
 
+from trainer.dist import pin_extensions_dir
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+pin_extensions_dir()  # DeepSpeed's JIT ops live in this venv, as for every launcher; subprocesses inherit it
 
 DATA_BUILD_KW = dict(max_seq_len=128, max_predictions=20, dupe_factor=3, valid_fraction=0.05,
                      shard_size=1500, block_docs=200, seed=7, progress=False)

@@ -306,3 +306,13 @@ def test_resumed_cpu_adam_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
     plain = [torch.load(tmp_path / f"plain_{n}.pt") for n in "pq"]
     assert all(torch.equal(a, b) for a, b in zip(full, replay))
     assert not all(torch.equal(a, b) for a, b in zip(full, plain))  # the bug this guards against is real
+
+
+def test_jit_ops_are_built_per_virtualenv_unless_the_user_chose_a_folder():
+    import sys
+
+    from trainer.dist import pin_extensions_dir
+    env = {}
+    assert pin_extensions_dir(env) == os.path.join(sys.prefix, "torch_extensions") == env["TORCH_EXTENSIONS_DIR"]
+    env = {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    assert pin_extensions_dir(env) == "/scratch/ext"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from typing import MutableMapping
 
 _KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -85,8 +86,21 @@ def setup_env(env: MutableMapping[str, str] | None = None) -> dict:
     return {k: env[k] for k in _KEYS}
 
 
+def pin_extensions_dir(env: MutableMapping[str, str] | None = None) -> str:
+    """Build DeepSpeed's JIT ops (CPU FusedAdam, shm comm) into this virtualenv, unless the user chose a folder.
+
+    torch's default, ~/.cache/torch_extensions, is shared by every virtualenv of the user. Two venvs on one
+    machine (a checkout and a CI clone, say) differ in include paths, so each rebuilds the other's ops on every
+    run, and a process killed mid-build (preemption, kill -9) leaves a lock file every later run waits on
+    forever. One folder per venv (sys.prefix) avoids both.
+    """
+    env = os.environ if env is None else env
+    return env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def init(backend: str | None = None) -> tuple[int, int, int]:
     """setup_env() then deepspeed.init_distributed; returns (rank, local_rank, world_size)."""
+    pin_extensions_dir()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
