@@ -8,9 +8,11 @@ PYTHON=${PYTHON:-python3}
 # torch first and pinned: an unpinned torch (asked for by deepspeed) would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]"
-# DeepSpeed JIT-compiles FusedAdam on first use (~1-2 min with g++); do it once here rather than inside the
+# DeepSpeed JIT-compiles FusedAdam and its CPU comm op on first use (~1-2 min with g++); do it once here rather than inside the
 # first training run or test (cached in .venv/torch_extensions, see trainer/dist.py; a no-op when built).
 .venv/bin/python -c "from trainer.dist import pin_extensions_dir; pin_extensions_dir()
-from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('FusedAdamBuilder').load(verbose=False)" 2>&1 \
+from deepspeed.accelerator import get_accelerator as a
+if a().device_name() == 'cpu':  # on CUDA, FusedAdam is built on first use by the GPU node's own toolchain
+    [a().create_op_builder(n).load(verbose=False) for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]" 2>&1 \
     | grep -v -e '^\[' -e 'WARNING' || true
 echo "setup: .venv ready ($(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"
