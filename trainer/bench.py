@@ -74,23 +74,28 @@ def batch_counts(batch: dict) -> dict:
 # The three implementations, each a zero-argument "one full training step" closure
 
 
+def _loop_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], float]:
+    """One plain-torch training step: autocast forward, backward, clip 1.0, torch's AdamW (BERT's settings)."""
+    opt = torch.optim.AdamW(T.param_groups(model), lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    amp = dtype != torch.float32
+
+    def step() -> float:
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=amp):
+            loss = forward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().item()
+    return step
+
+
 def _plain_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Callable[[], float]:
     """(b) our model, plain torch loop, torch's AdamW, autocast for bf16."""
     torch.manual_seed(0)
     model = BertForPreTraining(cfg).to(DEVICE).train()
-    opt = torch.optim.AdamW(T.param_groups(model), lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
-    amp = dtype != torch.float32
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
-
-    def step() -> float:
-        with torch.autocast(DEVICE.type, dtype=dtype, enabled=amp):
-            out = model(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach().item()
-    return step
+    return _loop_step(model, lambda: model(**batch).loss, dtype)
 
 
 def _hf_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Optional[Callable[[], float]]:
@@ -102,26 +107,15 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Optional[Calla
     torch.manual_seed(0)
     hcfg = transformers.BertConfig(**cfg.to_dict(), attn_implementation="sdpa")
     model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
-    opt = torch.optim.AdamW(T.param_groups(model), lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
     labels = torch.full_like(batch["input_ids"], -100)  # HF's dense labels: -100 = no prediction
     rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(batch["masked_lm_positions"])
     real = batch["masked_lm_weights"] > 0
     labels[rows[real], batch["masked_lm_positions"][real]] = batch["masked_lm_ids"][real]
-    amp = dtype != torch.float32
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     labels = labels.to(DEVICE)
-
-    def step() -> float:
-        with torch.autocast(DEVICE.type, dtype=dtype, enabled=amp):
-            out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                        attention_mask=batch["attention_mask"], labels=labels,
-                        next_sentence_label=batch["next_sentence_label"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach().item()
-    return step
+    return _loop_step(model, lambda: model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                           attention_mask=batch["attention_mask"], labels=labels,
+                                           next_sentence_label=batch["next_sentence_label"]).loss, dtype)
 
 
 def _ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, precision: str) -> Callable[[], float]:
@@ -205,10 +199,12 @@ class Impl:
 
 
 def cmd_train(a) -> dict:
-    cfg = BertConfig.preset(a.preset, max_position_embeddings=max(512, a.seq))
-    batch = shard_batch(a.data, a.micro_batch) if a.data else synthetic_batch(cfg, a.micro_batch, a.seq, a.max_pred)
-    if a.data:
+    if a.data:  # the model takes the shards' vocabulary; the batch comes from the shards
         cfg = BertConfig.preset(a.preset, vocab_size=_vocab_of(a.data))
+        batch = shard_batch(a.data, a.micro_batch)
+    else:
+        cfg = BertConfig.preset(a.preset, max_position_embeddings=max(512, a.seq))
+        batch = synthetic_batch(cfg, a.micro_batch, a.seq, a.max_pred)
     counts = batch_counts(batch)
     dtype = DTYPES[a.dtype]
     impls = []
@@ -324,8 +320,7 @@ def cmd_memory(a) -> dict:
                    "--micro-batch", str(micro), "--dtype", a.dtype, "--impl", "ds", "--warmup", "1", "--repeats", "1",
                    "--max-pred", str(80 if seq > 128 else 20), "--peak-tflops", "1", "--deepspeed", a.deepspeed,
                    "--json", "-"]
-            env = dict(os.environ)
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if p.returncode != 0:
                 rows.append({"preset": preset, "seq": seq, "micro_batch": micro, "peak_rss_mb": None,
                              "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
