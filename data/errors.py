@@ -14,11 +14,13 @@ class DataError(Exception):
     """Bad input, bad configuration or an inconsistent output folder (message names the file)."""
 
 
-def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a CLI body, turning DataError (and Ctrl-C) into a one-line message and exit status."""
+def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+             errors: tuple[type[BaseException], ...] = (DataError,)) -> int:
+    """Run a CLI body, turning the expected errors (bad input: DataError by default; launchers add their own)
+    and Ctrl-C into a one-line message and exit status."""
     try:
         return int(fn(argv) or 0)
-    except DataError as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `... | head`

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from data.errors import DataError
+from data.errors import DataError, run_main
 from data.shards import read_manifest
 from trainer.run_dir import DTYPES, RunDirError, load_run
 
@@ -140,8 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (RunDirError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, errors=(RunDirError, DataError)))

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from data.errors import DataError
+from data.errors import DataError, run_main
 from trainer.run_dir import HF_FINGERPRINT_FIELD, RunDirError, load_run
 
 
@@ -85,8 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (RunDirError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, errors=(RunDirError, DataError)))

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from data.errors import DataError
+from data.errors import DataError, run_main
 from trainer.config import ConfigError
 from trainer.dist import DistError
 from trainer.finetune import SWEEP_LRS, Columns, FinetuneError, Settings, format_results
@@ -156,8 +156,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FinetuneError, RunDirError, DataError, ConfigError, DistError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, errors=(FinetuneError, RunDirError, DataError, ConfigError, DistError)))
