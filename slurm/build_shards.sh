@@ -137,20 +137,9 @@ job_body() {
 submit() {
   local name=$1 dep=$2 exports=$3
   shift 3
-  local -a cmd=(sbatch --parsable --job-name="$JOB_NAME-$name" --nodes=1 --ntasks=1
-    --cpus-per-task="$CPUS_PER_TASK" --time="$TIME_LIMIT" --open-mode=append --export="ALL,$exports" "$@")
-  [[ -n $dep ]] && cmd+=(--dependency="afterok:$dep")
-  local -a more
-  split_words more "${SBATCH_ARGS:-}"
-  cmd+=("${more[@]}" "$REPO_DIR/slurm/build_shards.sh")
-  if is_dry; then
-    run "${cmd[@]}" >&3  # fd 3 = the submitter's stdout; this function's stdout is the job id
-    echo "<$name-job-id>"
-    return
-  fi
-  local out
-  out=$("${cmd[@]}") || die "sbatch failed for $name"
-  echo "${out%%;*}"
+  sbatch_submit "$name" "$dep" "$REPO_DIR/slurm/build_shards.sh" --job-name="$JOB_NAME-$name" --nodes=1 \
+    --ntasks=1 --cpus-per-task="$CPUS_PER_TASK" --time="$TIME_LIMIT" --open-mode=append \
+    --export="ALL,$exports" "$@"
 }
 
 submitter() {

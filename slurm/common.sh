@@ -34,6 +34,25 @@ split_words() {
 
 # ---------------------------------------------------------------------------------------------------------
 # Environment block: runs in the batch shell; srun passes the environment on to every task.
+# sbatch_submit LABEL DEPENDENCY_JOB_ID|"" SCRIPT [sbatch flags...] -> prints the new job id (a placeholder
+# under DRY_RUN, when the command is printed instead). SBATCH_ARGS are added last, so the user's flags win.
+sbatch_submit() {
+  local label=$1 dep=$2 script=$3
+  shift 3
+  local -a cmd=(sbatch --parsable "$@") more
+  [[ -n $dep ]] && cmd+=(--dependency="afterok:$dep")
+  split_words more "${SBATCH_ARGS:-}"
+  cmd+=("${more[@]}" "$script")
+  if is_dry; then
+    run "${cmd[@]}" >&3  # fd 3 = the submitter's stdout; this function's stdout is the job id
+    echo "<$label-job-id>"
+    return
+  fi
+  local out
+  out=$("${cmd[@]}") || die "sbatch failed for $label"
+  echo "${out%%;*}"  # --parsable prints "id" or "id;cluster"
+}
+
 setup_environment() {
   # Site-specific modules, e.g. MODULES="cuda/12.4 nccl/2.21" (or replace this block with your loads).
   if [[ -n ${MODULES:-} ]]; then

@@ -119,23 +119,11 @@ job_body() {
 # submit PHASE DEPENDENCY_JOB_ID|"" -> prints the new job id
 submit() {
   local phase=$1 dep=$2
-  local -a cmd=(sbatch --parsable --job-name="$JOB_NAME-phase$phase" --nodes="$NODES"
-    --gpus-per-node="$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE" --time="$TIME_LIMIT"
-    --signal="$SIGNAL@$SIGNAL_SECS" --requeue --open-mode=append --output="$LOG_DIR/%x-%j.out"
-    --export="ALL,PHASE=$phase")
-  [[ -n $CPUS_PER_TASK ]] && cmd+=(--cpus-per-task="$CPUS_PER_TASK")
-  [[ -n $dep ]] && cmd+=(--dependency="afterok:$dep")
-  local -a more
-  split_words more "${SBATCH_ARGS:-}"
-  cmd+=("${more[@]}" "$SUBMIT_SCRIPT")
-  if is_dry; then
-    run "${cmd[@]}" >&3  # fd 3 = the submitter's stdout; this function's stdout is the job id
-    echo "<phase$phase-job-id>"
-    return
-  fi
-  local out
-  out=$("${cmd[@]}") || die "sbatch failed for phase $phase"
-  echo "${out%%;*}"  # --parsable prints "id" or "id;cluster"
+  local -a flags=(--job-name="$JOB_NAME-phase$phase" --nodes="$NODES" --gpus-per-node="$GPUS_PER_NODE"
+    --ntasks-per-node="$GPUS_PER_NODE" --time="$TIME_LIMIT" --signal="$SIGNAL@$SIGNAL_SECS" --requeue
+    --open-mode=append --output="$LOG_DIR/%x-%j.out" --export="ALL,PHASE=$phase")
+  [[ -n $CPUS_PER_TASK ]] && flags+=(--cpus-per-task="$CPUS_PER_TASK")
+  sbatch_submit "phase$phase" "$dep" "$SUBMIT_SCRIPT" "${flags[@]}"
 }
 
 # preview_body PHASE: under DRY_RUN, what the job would run, on example hosts node1..nodeN.
