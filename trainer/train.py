@@ -541,15 +541,17 @@ def run(argv: Optional[list[str]] = None) -> int:
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            loss = out.loss.detach().float().item()
+            # One device->host transfer per micro-batch (not one per number: each is a sync on a GPU).
+            loss, *sums, n_tok, n_pred = torch.stack(
+                [out.loss.detach().float(), *(getattr(out, k).float() for k in _SUM_KEYS),
+                 tensors["attention_mask"].sum().float(), tensors["masked_lm_weights"].sum().float()]).tolist()
+            n_tok = int(n_tok)
             loss_finite &= math.isfinite(loss)
             win.loss_sum += loss
             win.micro_batches += 1
-            for k in _SUM_KEYS:
-                win.sums[k] = win.sums.get(k, 0.0) + float(getattr(out, k))
-            n_tok = int(tensors["attention_mask"].sum())
+            for k, v in zip(_SUM_KEYS, sums):
+                win.sums[k] = win.sums.get(k, 0.0) + v
             n_seq = int(tensors["input_ids"].shape[0])
-            n_pred = float(tensors["masked_lm_weights"].sum())
             win.samples += n_seq
             win.tokens += n_tok
             win.flops += step_flops(fc, n_tok, n_pred, n_seq, int(tensors["input_ids"].shape[1]))
