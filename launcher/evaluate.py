@@ -27,6 +27,7 @@ import torch
 
 from data.errors import DataError, run_main
 from data.shards import read_manifest
+from trainer import malloc
 from trainer.run_dir import DTYPES, RunDirError, load_run
 
 METRICS = ("mlm_loss", "perplexity", "mlm_acc", "nsp_loss", "nsp_acc")
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
                           f"pass --micro-batch")
     dtype = a.dtype or meta.eval_dtype()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        malloc.keep_freed_memory()  # see trainer/malloc.py
     # The training engine holds its module in the run's precision (DeepSpeed casts it), so do the same:
     # fp32 masters rounded to bf16 give exactly the engine's bf16 weights.
     model.to(device=device, dtype=DTYPES[dtype])

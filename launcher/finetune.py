@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     import torch.distributed as tdist
 
     from data.tokenizer import load_tokenizer
-    from trainer import dist
+    from trainer import dist, malloc
     from deepspeed.accelerator import get_accelerator
 
     from trainer.finetune import finetune, load_glue_task, load_local_task
@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     rank, local_rank, world = dist.init()
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
+    elif acc.device_name() == "cpu":
+        malloc.keep_freed_memory()  # see trainer/malloc.py
     if switch_note and rank == 0:
         print(switch_note, file=sys.stderr)
     pretrained, own_tokenizer, meta = load_pretrained(a.model, a.tag)

@@ -4,7 +4,9 @@ Everything prints a table and writes JSON; nothing here asserts a speed (speed i
 Run through `python launcher/bench.py {train,peak,loader,build,memory} ...`.
 
 The `train` comparison runs all implementations in ONE process and interleaves their timed steps
-(a b c a b c ...), so a noisy machine slows them alike and the ratios hold.
+(a b c a b c ...), so a noisy machine slows them alike and the ratios hold. On CPU the process keeps freed
+memory for reuse, as our launchers do (trainer/malloc.py); (c0) is transformers with glibc's default
+big-block mmap restored around each of its steps: transformers as a user runs it out of the box.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from bert import BertConfig, BertForPreTraining
-from trainer import train as T
+from trainer import malloc, train as T
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +120,17 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Optional[Calla
                                            next_sentence_label=batch["next_sentence_label"]).loss, dtype)
 
 
+def _untuned_malloc(step: Callable[[], float]) -> Callable[[], float]:
+    """Run `step` with glibc's default big-block mmap (page faults every step), then restore ours."""
+    def run() -> float:
+        malloc.glibc_default_mmap()
+        try:
+            return step()
+        finally:
+            malloc.keep_freed_memory()
+    return run
+
+
 def _ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, precision: str) -> Callable[[], float]:
     """(a) our model through the DeepSpeed engine, built exactly as pretrain.py builds it."""
     from deepspeed.accelerator import get_accelerator
@@ -207,18 +220,23 @@ def cmd_train(a) -> dict:
         batch = synthetic_batch(cfg, a.micro_batch, a.seq, a.max_pred)
     counts = batch_counts(batch)
     dtype = DTYPES[a.dtype]
+    tuned = DEVICE.type == "cpu" and malloc.keep_freed_memory()  # as our launchers run on CPU
     impls = []
     want = a.impl.split(",")
     if "ds" in want:
         impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype), []))
     if "plain" in want:
         impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype), []))
-    if "hf" in want:
+    for key, name in (("hf", "c: transformers"), ("hf-untuned", "c0: transformers, default malloc")):
+        if key not in want:
+            continue
         hf = _hf_step(cfg, batch, dtype)
         if hf is None:
-            print("transformers not installed: (c) skipped")
+            print(f"transformers not installed: ({name.split(':')[0]}) skipped")
+        elif key == "hf-untuned" and not tuned:
+            print(f"no tunable glibc malloc on {DEVICE.type}: ({name.split(':')[0]}) would equal (c); skipped")
         else:
-            impls.append(Impl("c: transformers", hf, []))
+            impls.append(Impl(name, _untuned_malloc(hf) if key == "hf-untuned" else hf, []))
     for _ in range(a.warmup):
         for im in impls:
             im.step()
@@ -238,23 +256,24 @@ def cmd_train(a) -> dict:
         rows.append({"impl": im.name, "step_s": t, "tokens_per_s": counts["tokens"] / t,
                      "samples_per_s": counts["sequences"] / t, "tflops": flops / t / 1e12,
                      "mfu": flops / t / 1e12 / peak, "times": im.times})
-    by = {r["impl"][0]: r for r in rows}
+    by = {r["impl"].split(":")[0]: r for r in rows}
     ratios = {}
-    if "a" in by and "c" in by:
-        ratios["a/c"] = by["a"]["tokens_per_s"] / by["c"]["tokens_per_s"]
+    for c in ("c", "c0"):
+        if "a" in by and c in by:
+            ratios[f"a/{c}"] = by["a"]["tokens_per_s"] / by[c]["tokens_per_s"]
     if "a" in by and "b" in by:
         ratios["a/b"] = by["a"]["tokens_per_s"] / by["b"]["tokens_per_s"]
         ratios["ds_overhead"] = by["a"]["step_s"] / by["b"]["step_s"] - 1.0
     print(f"BERT-{a.preset}, seq {counts['seq_len']}, micro batch {a.micro_batch}, {a.dtype}, "
           f"{'shards ' + a.data if a.data else 'synthetic full-length'}; median of {a.repeats} interleaved steps; "
-          f"peak {peak:.3f} TFLOPS ({a.dtype} matmul)")
+          f"peak {peak:.3f} TFLOPS ({a.dtype} matmul); host malloc {'keeps freed memory' if tuned else 'default'}")
     _print_table(rows, [("impl", "{}"), ("step_s", "{:.3f}"), ("tokens_per_s", "{:.1f}"),
                         ("samples_per_s", "{:.2f}"), ("tflops", "{:.3f}"), ("mfu", "{:.1%}")])
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     return {"preset": a.preset, "seq": counts["seq_len"], "micro_batch": a.micro_batch, "dtype": a.dtype,
             "data": a.data or "synthetic", "flops_per_step": flops, "peak_tflops": peak, "counts": counts,
-            "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
+            "malloc_kept": tuned, "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
 
 
 def _meta_model(cfg: BertConfig):
@@ -342,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batch", type=int, default=8)
     t.add_argument("--max-pred", type=int, default=20)
     t.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    t.add_argument("--impl", default="ds,plain,hf", help="comma list of ds, plain, hf")
+    t.add_argument("--impl", default="ds,plain,hf,hf-untuned", help="comma list of ds, plain, hf, hf-untuned")
     t.add_argument("--data", default=None, help="shard folder for a real batch (default: synthetic full-length)")
     t.add_argument("--deepspeed", default=os.path.join(REPO, "ds_configs", "zero2.json"))
     t.add_argument("--warmup", type=int, default=2)
