@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,6 +103,31 @@ class BertConfig:
         return dataclasses.asdict(self)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, with a faster mask on CPU.
+
+    On CPU torch draws a dropout mask one single-threaded mt19937 number per element (~6 ns each here):
+    BERT-base at B=8, S=128 drops 37 tensors, 38M elements per step, 16% of the step. numpy's PCG64 draws
+    16-bit uniforms at ~1 ns each. Its seed comes from torch's generator, so torch.manual_seed and the
+    checkpointed RNG state still fix every mask. Drop iff u < round(p * 2^16): p = 0.1 drops 6554/65536.
+    On GPU, F.dropout (a fused Philox kernel) is already fast and is used as is.
+    """
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    seed = int(torch.randint(0, 2**62, ()))
+    u = np.random.Generator(np.random.PCG64(seed)).integers(0, 1 << 16, size=x.shape, dtype=np.uint16)
+    # Viewed as int16, u becomes u - 2^15 (same order). keep = 1/(1-p) or 0, in x's dtype: one multiply.
+    keep = torch.from_numpy(u.view(np.int16)).ge_(round(p * (1 << 16)) - (1 << 15))
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the fast CPU mask above (still an nn.Dropout for code that looks for one)."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs (HF's field names)
 
@@ -147,7 +173,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         # Non-persistent, as in HF: they are not part of the checkpoint.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
                              persistent=False)
@@ -178,11 +204,21 @@ class BertSelfAttention(nn.Module):
         def heads(t):  # (B, S, H) -> (B, N, S, D)
             return t.view(B, S, self.num_heads, self.head_size).transpose(1, 2)
 
+        def heads_back(t):  # (B, N, S, D) -> (B, S, H)
+            return t.transpose(1, 2).reshape(B, S, H)
+
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # attn_mask: (B, 1, 1, S) bool, True = attend; softmax(q k^T / sqrt(D)) v with dropout on the probs.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout_p if self.training else 0.0)  # (B, N, S, D)
-        return y.transpose(1, 2).reshape(B, S, H)
+        if not (self.training and self.dropout_p > 0 and x.device.type == "cpu"):
+            return heads_back(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0))
+        # SDPA's CPU kernels cannot drop probabilities; with dropout it runs this same math with torch's slow
+        # mask (and in fp32). Written out to use the fast mask. Precision as Megatron's bf16 path: scores are
+        # rounded to the compute dtype once, softmax accumulates in fp32. Scaling q first is exact for D = 64.
+        scores = (q * self.head_size ** -0.5) @ k.transpose(-1, -2)  # (B, N, S, S)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        return heads_back(dropout(scores.softmax(-1), self.dropout_p, True) @ v)  # (B, N, S, D) -> (B, S, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -192,7 +228,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -429,7 +465,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.config = config
         self.num_labels = num_labels
         self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(self._init_weights)
 
