@@ -4,6 +4,7 @@ Launch styles: the ``deepspeed`` launcher; srun-like (ranks started directly wit
 stub ``scontrol``, the pattern for Slurm preemption); plain ``python launcher/pretrain.py`` (one process).
 """
 
+import glob
 import json
 import os
 import shutil
@@ -270,6 +271,7 @@ def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path):
     ds = write_ds(tmp_path, micro=4)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=3, eval_every=3, eval_batches=1)
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     p = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", PRETRAIN, "--deepspeed", ds, "--config", cfg,
                         "train.log_batch_keys=true"], cwd=REPO, env=base_env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
@@ -278,6 +280,9 @@ def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path):
     assert sorted(recs) == [1, 2, 3] and all(len(r["keys"]) == 2 for r in recs.values())
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     assert checkpoint.list_tags(str(out / "checkpoints")) == ["step_0000003"]
+    assert "2 rank(s)" in p.stdout + p.stderr
+    # DeepSpeed's CPU shared-memory allreduce buffers (69 MB of RAM each) are not left in /dev/shm.
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -108,4 +108,27 @@ def init(backend: str | None = None) -> tuple[int, int, int]:
     backend = backend or get_accelerator().communication_backend_name()  # nccl on CUDA, gloo on CPU
     deepspeed.init_distributed(dist_backend=backend)
     import torch.distributed as tdist
+    if get_accelerator().device_name() == "cpu":
+        unlink_shm_buffer(tdist.get_rank())
     return tdist.get_rank(), int(os.environ["LOCAL_RANK"]), tdist.get_world_size()
+
+
+def shm_buffer_path(rank: int) -> str:
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory allreduce buffer (the memory stays mapped).
+
+    DeepSpeed creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB of RAM on tmpfs)
+    per rank and never unlinks it: every CPU run leaked 69 MB per rank until reboot (4.3 GB after a day of
+    test runs here). The name is only needed while the ranks open each other's buffers, which every rank has
+    done when init_distributed returns; the barrier makes sure all of them got there.
+    """
+    import torch.distributed as tdist
+    tdist.barrier()
+    try:
+        os.remove(shm_buffer_path(rank))
+    except FileNotFoundError:  # the shm op is not in use (ranks on several nodes, or not built)
+        pass
