@@ -38,8 +38,11 @@ def test_train_compares_the_implementations(tmp_path):
                              "--dtype", "bf16", "--warmup", "1", "--repeats", "2", "--peak-tflops", "1.0"],
                             tmp_path, "train")
     names = [r["impl"] for r in res["results"]]
-    assert names == ["a: ours+DeepSpeed", "b: ours plain", "c: transformers", "c0: transformers, default malloc"]
-    assert res["malloc_kept"] is True  # CPU: the process runs as our launchers run it
+    assert names == ["a: ours+DeepSpeed", "b: ours plain", "c: transformers",
+                     "c0: transformers, own process, default malloc"]
+    # CPU: (a)-(c) run as our launchers run (freed memory kept), (c0) as an untuned process.
+    assert res["malloc_kept"] is True
+    assert [r["malloc"] for r in res["results"]] == ["keep", "keep", "keep", "default"]
     counts = res["counts"]
     assert counts == {"tokens": 64.0, "predictions": 10.0, "sequences": 2.0, "seq_len": 32}
     cfg = BertConfig.preset("tiny")

@@ -1,4 +1,4 @@
-"""trainer.malloc: freed big blocks are reused (no page faults per step), and the benchmark can undo it."""
+"""trainer.malloc: freed big blocks are reused, so a steady training step page-faults no new memory."""
 
 import subprocess
 import sys
@@ -13,10 +13,8 @@ PROGRAM = """
 import resource, sys, torch
 from trainer import malloc
 mode = sys.argv[1]
-if mode in ("keep", "toggle"):
+if mode == "keep":
     assert malloc.keep_freed_memory()
-if mode == "toggle":
-    assert malloc.glibc_default_mmap()
 def step():
     a = torch.ones(16 << 20); b = torch.ones(8 << 20); c = [torch.ones(10) for _ in range(100)]
     d = a[: 8 << 20] + b
@@ -44,8 +42,3 @@ def test_kept_memory_is_reused_without_page_faults():
     assert faults_per_step("default") >= 24_576
     assert faults_per_step("keep") < 100
 
-
-@needs_glibc
-def test_glibc_default_mmap_restores_the_faulting_behaviour():
-    # The benchmark's transformers-as-shipped run: big blocks on mmap again, so they fault again.
-    assert faults_per_step("toggle") >= 24_576

@@ -3,10 +3,11 @@
 Everything prints a table and writes JSON; nothing here asserts a speed (speed is measured, not tested).
 Run through `python launcher/bench.py {train,peak,loader,build,memory} ...`.
 
-The `train` comparison runs all implementations in ONE process and interleaves their timed steps
-(a b c a b c ...), so a noisy machine slows them alike and the ratios hold. On CPU the process keeps freed
-memory for reuse, as our launchers do (trainer/malloc.py); (c0) is transformers with glibc's default
-big-block mmap restored around each of its steps: transformers as a user runs it out of the box.
+The `train` comparison runs (a), (b), (c) in ONE process and interleaves their timed steps (a b c a b c
+...), so a noisy machine slows them alike and the ratios hold. On CPU that process keeps freed memory for
+reuse, as our launchers do (trainer/malloc.py), and (c) shares the setting. (c0) is transformers as users
+run it: a fresh process with glibc's malloc defaults, timed just before (not interleaved: two processes
+taking turns on two cores slowed each other by 15-20%, so its ratio is across runs).
 """
 
 from __future__ import annotations
@@ -120,17 +121,6 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: torch.dtype) -> Optional[Calla
                                            next_sentence_label=batch["next_sentence_label"]).loss, dtype)
 
 
-def _untuned_malloc(step: Callable[[], float]) -> Callable[[], float]:
-    """Run `step` with glibc's default big-block mmap (page faults every step), then restore ours."""
-    def run() -> float:
-        malloc.glibc_default_mmap()
-        try:
-            return step()
-        finally:
-            malloc.keep_freed_memory()
-    return run
-
-
 def _ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, precision: str) -> Callable[[], float]:
     """(a) our model through the DeepSpeed engine, built exactly as pretrain.py builds it."""
     from deepspeed.accelerator import get_accelerator
@@ -211,32 +201,34 @@ class Impl:
     times: list
 
 
-def cmd_train(a) -> dict:
+def _config_and_batch(a) -> tuple[BertConfig, dict]:
     if a.data:  # the model takes the shards' vocabulary; the batch comes from the shards
-        cfg = BertConfig.preset(a.preset, vocab_size=_vocab_of(a.data))
-        batch = shard_batch(a.data, a.micro_batch)
-    else:
-        cfg = BertConfig.preset(a.preset, max_position_embeddings=max(512, a.seq))
-        batch = synthetic_batch(cfg, a.micro_batch, a.seq, a.max_pred)
+        return BertConfig.preset(a.preset, vocab_size=_vocab_of(a.data)), shard_batch(a.data, a.micro_batch)
+    cfg = BertConfig.preset(a.preset, max_position_embeddings=max(512, a.seq))
+    return cfg, synthetic_batch(cfg, a.micro_batch, a.seq, a.max_pred)
+
+
+def cmd_train(a) -> dict:
+    peak = a.peak_tflops or measure_peak([a.dtype], 2048, 2.0)[a.dtype]
+    want = a.impl.split(",")
+    # (c0) first, while this process is still small: run after it, the child was 20-80% slower and erratic
+    # (2.4-4.9 s/step against 2.0-2.2 alone) while the parent held its three models.
+    untuned = _untuned_hf_rows(a, peak) if "hf-default" in want and DEVICE.type == "cpu" else []
+    tuned = DEVICE.type == "cpu" and a.malloc == "keep" and malloc.keep_freed_memory()  # as our launchers
+    cfg, batch = _config_and_batch(a)
     counts = batch_counts(batch)
     dtype = DTYPES[a.dtype]
-    tuned = DEVICE.type == "cpu" and malloc.keep_freed_memory()  # as our launchers run on CPU
     impls = []
-    want = a.impl.split(",")
     if "ds" in want:
         impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype), []))
     if "plain" in want:
         impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype), []))
-    for key, name in (("hf", "c: transformers"), ("hf-untuned", "c0: transformers, default malloc")):
-        if key not in want:
-            continue
+    if "hf" in want:
         hf = _hf_step(cfg, batch, dtype)
         if hf is None:
-            print(f"transformers not installed: ({name.split(':')[0]}) skipped")
-        elif key == "hf-untuned" and not tuned:
-            print(f"no tunable glibc malloc on {DEVICE.type}: ({name.split(':')[0]}) would equal (c); skipped")
+            print("transformers not installed: (c) and (c0) skipped")
         else:
-            impls.append(Impl(name, _untuned_malloc(hf) if key == "hf-untuned" else hf, []))
+            impls.append(Impl("c: transformers", hf, []))
     for _ in range(a.warmup):
         for im in impls:
             im.step()
@@ -249,13 +241,13 @@ def cmd_train(a) -> dict:
             im.times.append(time.perf_counter() - t0)
     fc = T.flop_counts(_meta_model(cfg))
     flops = T.step_flops(fc, counts["tokens"], counts["predictions"], counts["sequences"], counts["seq_len"])
-    peak = a.peak_tflops or measure_peak([a.dtype], 2048, 2.0)[a.dtype]
     rows = []
     for im in impls:
         t = statistics.median(im.times)
         rows.append({"impl": im.name, "step_s": t, "tokens_per_s": counts["tokens"] / t,
                      "samples_per_s": counts["sequences"] / t, "tflops": flops / t / 1e12,
-                     "mfu": flops / t / 1e12 / peak, "times": im.times})
+                     "mfu": flops / t / 1e12 / peak, "malloc": "keep" if tuned else "default", "times": im.times})
+    rows += untuned
     by = {r["impl"].split(":")[0]: r for r in rows}
     ratios = {}
     for c in ("c", "c0"):
@@ -274,6 +266,20 @@ def cmd_train(a) -> dict:
     return {"preset": a.preset, "seq": counts["seq_len"], "micro_batch": a.micro_batch, "dtype": a.dtype,
             "data": a.data or "synthetic", "flops_per_step": flops, "peak_tflops": peak, "counts": counts,
             "malloc_kept": tuned, "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
+
+
+def _untuned_hf_rows(a, peak: float) -> list[dict]:
+    """(c0): `train --impl hf --malloc default` in a fresh process."""
+    cmd = [sys.executable, "-m", "trainer.bench", "train", "--impl", "hf", "--malloc", "default", "--preset", a.preset,
+           "--seq", str(a.seq), "--micro-batch", str(a.micro_batch), "--max-pred", str(a.max_pred), "--dtype",
+           a.dtype, "--warmup", str(a.warmup), "--repeats", str(a.repeats), "--peak-tflops", str(peak), "--json", "-"]
+    if a.data:
+        cmd += ["--data", a.data]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if p.returncode != 0:
+        raise RuntimeError(f"(c0) failed with exit code {p.returncode}: {' '.join(cmd)} (its error is above)")
+    rows = json.loads(p.stdout.strip().splitlines()[-1])["results"]
+    return [dict(r, impl="c0: transformers, own process, default malloc") for r in rows]
 
 
 def _meta_model(cfg: BertConfig):
@@ -361,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batch", type=int, default=8)
     t.add_argument("--max-pred", type=int, default=20)
     t.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    t.add_argument("--impl", default="ds,plain,hf,hf-untuned", help="comma list of ds, plain, hf, hf-untuned")
+    t.add_argument("--impl", default="ds,plain,hf,hf-default",
+                   help="comma list of ds, plain, hf, hf-default (c0: transformers in an untuned process)")
+    t.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="CPU host allocator: keep freed memory as our launchers do, or glibc's default")
     t.add_argument("--data", default=None, help="shard folder for a real batch (default: synthetic full-length)")
     t.add_argument("--deepspeed", default=os.path.join(REPO, "ds_configs", "zero2.json"))
     t.add_argument("--warmup", type=int, default=2)

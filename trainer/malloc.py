@@ -20,10 +20,7 @@ from typing import Optional
 
 # glibc's malloc.h
 M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
-GLIBC_MMAP_THRESHOLD_CAP = 32 << 20  # the dynamic threshold's ceiling on 64-bit: 4 MiB * sizeof(long)
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -44,14 +41,3 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     return libc is not None and _mallopt(libc, (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
-
-def glibc_default_mmap() -> bool:
-    """Big blocks back on mmap, as an untuned process has them (the benchmark's transformers-as-shipped run).
-
-    An untuned process's threshold rises to 32 MiB after its first big free, so 32 MiB is its steady state.
-    Trimming stays off, so the heap grown by a tuned step is not shrunk under it: the untuned run keeps
-    only the page faults of its own big blocks, a slight advantage to it.
-    """
-    libc = _glibc()
-    return libc is not None and _mallopt(libc, (M_MMAP_MAX, GLIBC_MMAP_MAX),
-                                         (M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_CAP))
