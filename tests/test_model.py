@@ -307,3 +307,38 @@ def test_training_attention_is_unbiased_and_masks_padding():
         b = att(x + noise, mask)  # only padded rows changed: keys/values there must not matter
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(b[real], a[real], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- unpadding
+
+def test_unpadded_encoder_equals_padded_on_real_positions():
+    config = tiny_config()
+    model = BertModel(config).eval()
+    batch = make_batch(config)
+    args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        full = model(*args)
+        packed = model(*args, unpad=True)
+    real = batch["attention_mask"].bool()
+    assert (~real).any()  # the batch has padding to skip
+    torch.testing.assert_close(packed.last_hidden_state[real], full.last_hidden_state[real], rtol=0, atol=1e-5)
+    assert torch.equal(packed.last_hidden_state[~real], torch.zeros_like(packed.last_hidden_state[~real]))
+    torch.testing.assert_close(packed.pooler_output, full.pooler_output, rtol=0, atol=1e-5)
+
+
+def test_pretraining_loss_and_gradients_unchanged_by_unpadding():
+    """The loss path unpads; its loss and every gradient equal the padded computation's."""
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForPreTraining(config).train()
+    batch = make_batch(config)
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    out = model.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # padded
+    ref = model._pretraining_loss(out.last_hidden_state, model.cls.seq_relationship(out.pooler_output),
+                                  batch["masked_lm_positions"], batch["masked_lm_ids"], batch["masked_lm_weights"],
+                                  batch["next_sentence_label"]).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-6)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)
