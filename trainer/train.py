@@ -380,7 +380,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     if device_kind == "cuda":
         acc.set_device(local_rank)
     elif device_kind == "cpu" and malloc.keep_freed_memory():
-        log(rank, "host allocator: glibc keeps freed memory for reuse (no page faults per step; RSS stays at peak)")
+        log(rank, "host allocator: glibc reuses freed blocks up to 32 MiB (fewer page faults; RSS stays at peak)")
 
     # Same seed on every rank for the weights (DeepSpeed also broadcasts rank 0's), then per-rank streams
     # for dropout so ranks do not drop the same units.
