@@ -268,18 +268,22 @@ def cmd_train(a) -> dict:
             "malloc_kept": tuned, "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
 
 
+def _train_in_child(args: list[str], **run_kwargs) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
+    """`train ARGS` in a fresh interpreter; its JSON result (None if it failed)."""
+    p = subprocess.run([sys.executable, "-m", "trainer.bench", "train", *args, "--json", "-"], stdout=subprocess.PIPE,
+                       text=True, cwd=REPO, **run_kwargs)
+    return p, json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+
+
 def _untuned_hf_rows(a, peak: float) -> list[dict]:
     """(c0): `train --impl hf --malloc default` in a fresh process."""
-    cmd = [sys.executable, "-m", "trainer.bench", "train", "--impl", "hf", "--malloc", "default", "--preset", a.preset,
-           "--seq", str(a.seq), "--micro-batch", str(a.micro_batch), "--max-pred", str(a.max_pred), "--dtype",
-           a.dtype, "--warmup", str(a.warmup), "--repeats", str(a.repeats), "--peak-tflops", str(peak), "--json", "-"]
-    if a.data:
-        cmd += ["--data", a.data]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    if p.returncode != 0:
-        raise RuntimeError(f"(c0) failed with exit code {p.returncode}: {' '.join(cmd)} (its error is above)")
-    rows = json.loads(p.stdout.strip().splitlines()[-1])["results"]
-    return [dict(r, impl="c0: transformers, own process, default malloc") for r in rows]
+    args = ["--impl", "hf", "--malloc", "default", "--preset", a.preset, "--seq", str(a.seq), "--micro-batch",
+            str(a.micro_batch), "--max-pred", str(a.max_pred), "--dtype", a.dtype, "--warmup", str(a.warmup),
+            "--repeats", str(a.repeats), "--peak-tflops", str(peak)] + (["--data", a.data] if a.data else [])
+    p, res = _train_in_child(args)
+    if res is None:
+        raise RuntimeError(f"(c0) failed with exit code {p.returncode}: {' '.join(p.args)} (its error is above)")
+    return [dict(r, impl="c0: transformers, own process, default malloc") for r in res["results"]]
 
 
 def _meta_model(cfg: BertConfig):
@@ -341,16 +345,14 @@ def cmd_memory(a) -> dict:
     for preset in a.presets.split(","):
         for seq in [int(s) for s in a.seqs.split(",")]:
             micro = a.micro_batch
-            cmd = [sys.executable, "-m", "trainer.bench", "train", "--preset", preset, "--seq", str(seq),
-                   "--micro-batch", str(micro), "--dtype", a.dtype, "--impl", "ds", "--warmup", "1", "--repeats", "1",
-                   "--max-pred", str(80 if seq > 128 else 20), "--peak-tflops", "1", "--deepspeed", a.deepspeed,
-                   "--json", "-"]
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if p.returncode != 0:
+            p, res = _train_in_child(
+                ["--preset", preset, "--seq", str(seq), "--micro-batch", str(micro), "--dtype", a.dtype, "--impl",
+                 "ds", "--warmup", "1", "--repeats", "1", "--max-pred", str(80 if seq > 128 else 20),
+                 "--peak-tflops", "1", "--deepspeed", a.deepspeed], stderr=subprocess.PIPE)
+            if res is None:
                 rows.append({"preset": preset, "seq": seq, "micro_batch": micro, "peak_rss_mb": None,
                              "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
                 continue
-            res = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append({"preset": preset, "seq": seq, "micro_batch": micro, "peak_rss_mb": res["peak_rss_mb"],
                          "step_s": res["results"][0]["step_s"]})
     _print_table(rows, [("preset", "{}"), ("seq", "{}"), ("micro_batch", "{}"), ("peak_rss_mb", "{:.0f}"),
