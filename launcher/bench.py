@@ -2,7 +2,10 @@
 
 import sys
 
-from trainer.bench import main
+from trainer import malloc
 
 if __name__ == "__main__":
+    malloc.preload_tcmalloc()  # CPU hosts: as the training launchers run, see trainer/malloc.py
+    from trainer.bench import main
+
     sys.exit(main())

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     dtype = a.dtype or meta.eval_dtype()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
-        malloc.keep_freed_memory()  # see trainer/malloc.py
+        print(malloc.configure(), file=sys.stderr)  # see trainer/malloc.py
     # The training engine holds its module in the run's precision (DeepSpeed casts it), so do the same:
     # fp32 masters rounded to bf16 give exactly the engine's bf16 weights.
     model.to(device=device, dtype=DTYPES[dtype])
@@ -143,4 +143,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    malloc.preload_tcmalloc()  # CPU hosts: restart on tcmalloc, see trainer/malloc.py
     sys.exit(run_main(main, errors=(RunDirError, DataError)))

@@ -26,6 +26,7 @@ import time
 
 from data.errors import DataError, run_main
 from trainer.config import ConfigError
+from trainer import malloc
 from trainer.dist import DistError
 from trainer.finetune import SWEEP_LRS, Columns, FinetuneError, Settings, format_results
 from trainer.run_dir import RunDirError
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     import torch.distributed as tdist
 
     from data.tokenizer import load_tokenizer
-    from trainer import dist, malloc
+    from trainer import dist
     from deepspeed.accelerator import get_accelerator
 
     from trainer.finetune import finetune, load_glue_task, load_local_task
@@ -106,10 +107,10 @@ def main(argv=None) -> int:
     rank, local_rank, world = dist.init()
     if acc.device_name() == "cuda":
         acc.set_device(local_rank)
-    elif acc.device_name() == "cpu":
-        malloc.keep_freed_memory()  # see trainer/malloc.py
     if switch_note and rank == 0:
         print(switch_note, file=sys.stderr)
+    if acc.device_name() == "cpu" and rank == 0:
+        print(malloc.configure(), file=sys.stderr)  # see trainer/malloc.py
     pretrained, own_tokenizer, meta = load_pretrained(a.model, a.tag)
     tokenizer = load_tokenizer(a.tokenizer) if a.tokenizer else own_tokenizer
     check_tokenizer(tokenizer, meta, a.allow_tokenizer_mismatch, pretrained.config.vocab_size)
@@ -158,4 +159,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    malloc.preload_tcmalloc()  # CPU hosts: restart on tcmalloc, see trainer/malloc.py
     sys.exit(run_main(main, errors=(FinetuneError, RunDirError, DataError, ConfigError, DistError)))

@@ -8,7 +8,10 @@ Also: torchrun, srun (env derived from SLURM_*), or plain `python launcher/pretr
 
 import sys
 
-from trainer.train import main
+from trainer import malloc
 
 if __name__ == "__main__":
+    malloc.preload_tcmalloc()  # CPU hosts: restart on tcmalloc before torch loads, see trainer/malloc.py
+    from trainer.train import main
+
     sys.exit(main())

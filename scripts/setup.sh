@@ -15,4 +15,17 @@ from deepspeed.accelerator import get_accelerator as a
 if a().device_name() == 'cpu':  # on CUDA, FusedAdam is built on first use by the GPU node's own toolchain
     [a().create_op_builder(n).load(verbose=False) for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]" 2>&1 \
     | grep -v -e '^\[' -e 'WARNING' || true
-echo "setup: .venv ready ($(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"
+# CPU training runs on tcmalloc when it is installed (trainer/malloc.py: DeepSpeed's step on glibc's malloc took
+# 45-77% longer, re-faulting its per-step buffers). Installed here when we may; otherwise a note says how.
+if ! .venv/bin/python -c "import sys; from trainer.malloc import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } \
+            >/dev/null 2>&1 || echo "setup: apt-get could not install libtcmalloc-minimal4; CPU runs use glibc's malloc (slower)"
+    else
+        echo "setup: tcmalloc not found; CPU runs use glibc's malloc (slower). Install it with" \
+             "'sudo apt-get install libtcmalloc-minimal4' or 'conda install -c conda-forge gperftools'"
+    fi
+fi
+ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.malloc import find_tcmalloc as f
+print("torch", v("torch"), "deepspeed", v("deepspeed"), "- CPU host allocator:", "tcmalloc" if f() else "glibc")')
+echo "setup: .venv ready ($ready)"

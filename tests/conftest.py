@@ -149,6 +149,7 @@ def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json", stage=No
                *script]
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    (Path(tmp) / "launcher_stdout.txt").write_text(p.stdout)
     return str(out)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bert import BertConfig
-from trainer import bench
+from trainer import bench, malloc
 from trainer import train as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +39,13 @@ def test_train_compares_the_implementations(tmp_path):
                             tmp_path, "train")
     names = [r["impl"] for r in res["results"]]
     assert names == ["a: ours+DeepSpeed", "b: ours plain", "c: transformers",
-                     "c0: transformers, own process, default malloc"]
-    # CPU: (a)-(c) run as our launchers run (freed memory kept), (c0) as an untuned process.
-    assert res["malloc_kept"] is True
-    assert [r["malloc"] for r in res["results"]] == ["keep", "keep", "keep", "default"]
+                     "c0: transformers, own process, glibc malloc"]
+    # CPU: (a)-(c) run as our launchers run (tcmalloc when installed, else glibc keeping freed memory),
+    # (c0) as an untuned process.
+    ours = "tcmalloc" if malloc.find_tcmalloc() else "glibc-keep"
+    assert res["malloc"] == ours
+    assert [r["malloc"] for r in res["results"]] == [ours, ours, ours, "glibc-default"]
+    assert all(r["faults_per_step"] >= 0 for r in res["results"])
     counts = res["counts"]
     assert counts == {"tokens": 64.0, "predictions": 10.0, "sequences": 2.0, "seq_len": 32}
     cfg = BertConfig.preset("tiny")

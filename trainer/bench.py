@@ -4,10 +4,11 @@ Everything prints a table and writes JSON; nothing here asserts a speed (speed i
 Run through `python launcher/bench.py {train,peak,loader,build,memory} ...`.
 
 The `train` comparison runs (a), (b), (c) in ONE process and interleaves their timed steps (a b c a b c
-...), so a noisy machine slows them alike and the ratios hold. On CPU that process keeps freed memory for
-reuse, as our launchers do (trainer/malloc.py), and (c) shares the setting. (c0) is transformers as users
-run it: a fresh process with glibc's malloc defaults, timed just before (not interleaved: two processes
-taking turns on two cores slowed each other by 15-20%, so its ratio is across runs).
+...), so a noisy machine slows them alike and the ratios hold. On CPU that process has the host allocator
+our launchers give training (tcmalloc when installed, else glibc keeping freed memory: trainer/malloc.py),
+and (c) shares it. (c0) is transformers as users run it: a fresh process on glibc's malloc defaults, timed
+just before (not interleaved: two processes taking turns on two cores slowed each other by 15-20%, so its
+ratio is across runs). `faults_per_step` (minor page faults) shows the allocator at work.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class Impl:
     name: str
     step: Callable[[], float]
     times: list
+    faults: list  # minor page faults of the process during the step: the host allocator at work
 
 
 def _config_and_batch(a) -> tuple[BertConfig, dict]:
@@ -214,31 +216,32 @@ def cmd_train(a) -> dict:
     # (c0) first, while this process is still small: run after it, the child was 20-80% slower and erratic
     # (2.4-4.9 s/step against 2.0-2.2 alone) while the parent held its three models.
     untuned = _untuned_hf_rows(a, peak) if "hf-default" in want and DEVICE.type == "cpu" else []
-    tuned = DEVICE.type == "cpu" and a.malloc == "keep" and malloc.keep_freed_memory()  # as our launchers
+    allocator = _host_allocator(a.malloc)
     cfg, batch = _config_and_batch(a)
     counts = batch_counts(batch)
     dtype = DTYPES[a.dtype]
     impls = []
     if "ds" in want:
-        impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype), []))
+        impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype), [], []))
     if "plain" in want:
-        impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype), []))
+        impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype), [], []))
     if "hf" in want:
         hf = _hf_step(cfg, batch, dtype)
         if hf is None:
             print("transformers not installed: (c) and (c0) skipped")
         else:
-            impls.append(Impl("c: transformers", hf, []))
+            impls.append(Impl("c: transformers", hf, [], []))
     for _ in range(a.warmup):
         for im in impls:
             im.step()
     for _ in range(a.repeats):  # interleaved: every implementation sees the same machine noise
         for im in impls:
             _sync()
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             im.step()  # ends in .item(): the step has finished when it returns
             _sync()
             im.times.append(time.perf_counter() - t0)
+            im.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     fc = T.flop_counts(_meta_model(cfg))
     flops = T.step_flops(fc, counts["tokens"], counts["predictions"], counts["sequences"], counts["seq_len"])
     rows = []
@@ -246,7 +249,8 @@ def cmd_train(a) -> dict:
         t = statistics.median(im.times)
         rows.append({"impl": im.name, "step_s": t, "tokens_per_s": counts["tokens"] / t,
                      "samples_per_s": counts["sequences"] / t, "tflops": flops / t / 1e12,
-                     "mfu": flops / t / 1e12 / peak, "malloc": "keep" if tuned else "default", "times": im.times})
+                     "mfu": flops / t / 1e12 / peak, "faults_per_step": statistics.median(im.faults),
+                     "malloc": allocator, "times": im.times})
     rows += untuned
     by = {r["impl"].split(":")[0]: r for r in rows}
     ratios = {}
@@ -258,14 +262,28 @@ def cmd_train(a) -> dict:
         ratios["ds_overhead"] = by["a"]["step_s"] / by["b"]["step_s"] - 1.0
     print(f"BERT-{a.preset}, seq {counts['seq_len']}, micro batch {a.micro_batch}, {a.dtype}, "
           f"{'shards ' + a.data if a.data else 'synthetic full-length'}; median of {a.repeats} interleaved steps; "
-          f"peak {peak:.3f} TFLOPS ({a.dtype} matmul); host malloc {'keeps freed memory' if tuned else 'default'}")
+          f"peak {peak:.3f} TFLOPS ({a.dtype} matmul); host allocator {allocator}")
     _print_table(rows, [("impl", "{}"), ("step_s", "{:.3f}"), ("tokens_per_s", "{:.1f}"),
-                        ("samples_per_s", "{:.2f}"), ("tflops", "{:.3f}"), ("mfu", "{:.1%}")])
+                        ("samples_per_s", "{:.2f}"), ("tflops", "{:.3f}"), ("mfu", "{:.1%}"),
+                        ("faults_per_step", "{:.0f}")])
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     return {"preset": a.preset, "seq": counts["seq_len"], "micro_batch": a.micro_batch, "dtype": a.dtype,
             "data": a.data or "synthetic", "flops_per_step": flops, "peak_tflops": peak, "counts": counts,
-            "malloc_kept": tuned, "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
+            "malloc": allocator, "results": rows, "ratios": ratios, "peak_rss_mb": _rss_mb()}
+
+
+def _host_allocator(choice: str) -> str:
+    """Set up and name this process's host allocator: "ours" is what the launchers do (tcmalloc, preloaded by
+    launcher/bench.py when installed, else glibc keeping freed blocks), "default" leaves glibc untouched."""
+    if DEVICE.type != "cpu":
+        return "device"
+    if malloc.tcmalloc_loaded():
+        if choice == "default":
+            raise SystemExit(f"--malloc default: this process runs on tcmalloc; "
+                             f"start it with {malloc.CHOICE_ENV}=glibc")
+        return "tcmalloc"
+    return "glibc-keep" if choice == "ours" and malloc.keep_freed_memory() else "glibc-default"
 
 
 def _train_in_child(args: list[str], **run_kwargs) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
@@ -280,10 +298,10 @@ def _untuned_hf_rows(a, peak: float) -> list[dict]:
     args = ["--impl", "hf", "--malloc", "default", "--preset", a.preset, "--seq", str(a.seq), "--micro-batch",
             str(a.micro_batch), "--max-pred", str(a.max_pred), "--dtype", a.dtype, "--warmup", str(a.warmup),
             "--repeats", str(a.repeats), "--peak-tflops", str(peak)] + (["--data", a.data] if a.data else [])
-    p, res = _train_in_child(args)
+    p, res = _train_in_child(args, env=malloc.glibc_env(dict(os.environ)))
     if res is None:
         raise RuntimeError(f"(c0) failed with exit code {p.returncode}: {' '.join(p.args)} (its error is above)")
-    return [dict(r, impl="c0: transformers, own process, default malloc") for r in res["results"]]
+    return [dict(r, impl="c0: transformers, own process, glibc malloc") for r in res["results"]]
 
 
 def _meta_model(cfg: BertConfig):
@@ -371,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     t.add_argument("--impl", default="ds,plain,hf,hf-default",
                    help="comma list of ds, plain, hf, hf-default (c0: transformers in an untuned process)")
-    t.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="CPU host allocator: keep freed memory as our launchers do, or glibc's default")
+    t.add_argument("--malloc", choices=["ours", "default"], default="ours",
+                   help="CPU host allocator: as our launchers run (tcmalloc if installed, else glibc keeping freed "
+                        "memory), or glibc's default (needs BERT_HOST_MALLOC=glibc)")
     t.add_argument("--data", default=None, help="shard folder for a real batch (default: synthetic full-length)")
     t.add_argument("--deepspeed", default=os.path.join(REPO, "ds_configs", "zero2.json"))
     t.add_argument("--warmup", type=int, default=2)
