@@ -25,8 +25,8 @@ import sys
 import time
 
 from data.errors import DataError, run_main
-from trainer.config import ConfigError
 from trainer import malloc
+from trainer.config import ConfigError
 from trainer.dist import DistError
 from trainer.finetune import SWEEP_LRS, Columns, FinetuneError, Settings, format_results
 from trainer.run_dir import RunDirError

@@ -64,7 +64,7 @@ def vmdata_growth_mb(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run_reexec(**env_overrides) -> tuple[int, str, bool, int]:
+def run_reexec(**env_overrides) -> tuple[str, bool, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", malloc.CHOICE_ENV, *malloc.TCMALLOC_ENV)}
     env.update(env_overrides)
     p = subprocess.Popen([sys.executable, "-c", REEXEC], stdout=subprocess.PIPE, text=True, env=env)
@@ -73,7 +73,7 @@ def run_reexec(**env_overrides) -> tuple[int, str, bool, int]:
     lines = out.strip().splitlines()
     pid, loaded, faults = lines[-1].split()
     assert int(pid) == p.pid  # exec, not a child: launchers (deepspeed, torchrun, srun) keep tracking the PID
-    return p.pid, lines[-2], loaded == "True", int(faults)
+    return lines[-2], loaded == "True", int(faults)
 
 
 @pytest.mark.skipif(malloc._glibc() is None, reason="mallopt is glibc's")
@@ -84,14 +84,14 @@ def test_heap_address_space_stays_bounded():
 
 @needs_tcmalloc
 def test_preload_restarts_the_command_on_tcmalloc_which_keeps_freed_pages():
-    _, line, loaded, faults = run_reexec()
+    line, loaded, faults = run_reexec()
     assert loaded and line.startswith("host allocator: tcmalloc")
     assert faults < 1000  # freed pages are reused: none is faulted in again
 
 
 @pytest.mark.skipif(malloc._glibc() is None, reason="mallopt is glibc's")
 def test_opting_out_keeps_glibc_which_refaults_big_blocks():
-    _, line, loaded, faults = run_reexec(**{malloc.CHOICE_ENV: "glibc"})
+    line, loaded, faults = run_reexec(**{malloc.CHOICE_ENV: "glibc"})
     assert not loaded and line.startswith("host allocator: glibc, freed blocks up to 32 MiB reused")
     assert faults > 40000  # the control: 200 MB / 4 KiB = 51,200 pages faulted in every step, and more
 

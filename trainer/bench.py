@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -199,8 +199,8 @@ def cmd_peak(a) -> dict:
 class Impl:
     name: str
     step: Callable[[], float]
-    times: list
-    faults: list  # minor page faults of the process during the step: the host allocator at work
+    times: list = field(default_factory=list)
+    faults: list = field(default_factory=list)  # minor page faults of the process during the step: the allocator
 
 
 def _config_and_batch(a) -> tuple[BertConfig, dict]:
@@ -222,15 +222,15 @@ def cmd_train(a) -> dict:
     dtype = DTYPES[a.dtype]
     impls = []
     if "ds" in want:
-        impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype), [], []))
+        impls.append(Impl("a: ours+DeepSpeed", _ds_step(cfg, batch, a.deepspeed, a.dtype)))
     if "plain" in want:
-        impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype), [], []))
+        impls.append(Impl("b: ours plain", _plain_step(cfg, batch, dtype)))
     if "hf" in want:
         hf = _hf_step(cfg, batch, dtype)
         if hf is None:
             print("transformers not installed: (c) and (c0) skipped")
         else:
-            impls.append(Impl("c: transformers", hf, [], []))
+            impls.append(Impl("c: transformers", hf))
     for _ in range(a.warmup):
         for im in impls:
             im.step()
