@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bert.model import BertConfig, BertForPreTraining, BertModel
+from bert.config import BertConfig
+from bert.model import BertForPreTraining, BertForSequenceClassification, BertModel
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+# Field of tokenizer_config.json that records the pretraining tokenizer's fingerprint (transformers ignores it;
+# fine-tuning refuses a tokenizer whose fingerprint differs).
+HF_FINGERPRINT_FIELD = "bert_fingerprint"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 
@@ -247,19 +251,19 @@ def _hf_config(config: BertConfig, architecture: str, dtype: torch.dtype) -> dic
     return d
 
 
-def to_hf(model, path: str, tokenizer_dir: str | None = None, *, do_lower_case: bool | None = None) -> None:
-    """Write `model` (BertForPreTraining or BertModel) as an HF directory: config.json + model.safetensors
-    (+ tokenizer files from tokenizer_dir) that `transformers.<Class>.from_pretrained(path)` loads with no
-    missing or unexpected keys. do_lower_case overrides what is read from the tokenizer files."""
+def to_hf(model, path: str, tokenizer_dir: str | None = None, *, do_lower_case: bool | None = None,
+          fingerprint: str | None = None, extra_config: dict | None = None) -> None:
+    """Write `model` (BertForPreTraining, BertModel or BertForSequenceClassification) as an HF directory:
+    config.json + model.safetensors (+ tokenizer files from tokenizer_dir, recording `fingerprint`) that
+    `transformers.<Class>.from_pretrained(path)` loads with no missing or unexpected keys. do_lower_case
+    overrides what is read from the tokenizer files; extra_config adds config.json keys (e.g. labels)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    if isinstance(model, BertForPreTraining):
-        architecture = "BertForPreTraining"
-    elif isinstance(model, BertModel):
-        architecture = "BertModel"
-    else:
-        raise ValueError(f"to_hf expects BertForPreTraining or BertModel, got {type(model).__name__}")
+    if not isinstance(model, (BertForPreTraining, BertModel, BertForSequenceClassification)):
+        raise ValueError(f"to_hf expects BertForPreTraining, BertModel or BertForSequenceClassification, got "
+                         f"{type(model).__name__}")
+    architecture = type(model).__name__
     sd = model.state_dict()
     for alias in TIED_KEYS:  # one tensor, two names: safetensors refuses shared storage; HF re-ties on load
         sd.pop(alias, None)
@@ -270,9 +274,10 @@ def to_hf(model, path: str, tokenizer_dir: str | None = None, *, do_lower_case: 
     tmp = os.path.join(path, SAFETENSORS_NAME + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})  # "pt" marks PyTorch layout for transformers
     os.replace(tmp, os.path.join(path, SAFETENSORS_NAME))
-    _write_json(os.path.join(path, CONFIG_NAME), _hf_config(model.config, architecture, dtype))
+    _write_json(os.path.join(path, CONFIG_NAME), {**_hf_config(model.config, architecture, dtype),
+                                                   **(extra_config or {})})
     if tokenizer_dir is not None:
-        write_hf_tokenizer(tokenizer_dir, path, model.config, do_lower_case=do_lower_case)
+        write_hf_tokenizer(tokenizer_dir, path, model.config, do_lower_case=do_lower_case, fingerprint=fingerprint)
 
 
 def _write_json(file: str, obj: dict) -> None:
@@ -302,7 +307,7 @@ def _find_lowercase(normalizer) -> bool | None:
 
 
 def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
-                       do_lower_case: bool | None = None) -> None:
+                       do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
     """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
     special_tokens_map.json, so `AutoTokenizer.from_pretrained(out_dir)` is a BERT WordPiece tokenizer
     with the same ids. Needs tokenizer.json (WordPiece) or vocab.txt (one token per line, id order)."""
@@ -365,5 +370,6 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
         "model_max_length": config.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
         **SPECIAL_TOKENS,
+        **({HF_FINGERPRINT_FIELD: fingerprint} if fingerprint else {}),
     })
     _write_json(os.path.join(out_dir, "special_tokens_map.json"), dict(SPECIAL_TOKENS))

@@ -3,6 +3,8 @@
 Module names follow Hugging Face's modeling_bert, so the state-dict keys are identical and checkpoints map
 1:1 (`bert.embeddings.word_embeddings.weight`, ..., `cls.predictions.decoder.weight` tied to the word
 embeddings, `cls.seq_relationship`). The code is single-device: no DeepSpeed, no CLI, no globals.
+Attention is `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA), dropout is
+`nn.Dropout`; host-specific kernels (trainer/cpu.py on CPUs) are swapped in from outside, never here.
 
 Shapes: B batch, S sequence length, H hidden size, N heads, D = H / N head size, V vocabulary,
 P masked-LM predictions per sequence, T real (non-padding) tokens in the batch.
@@ -10,122 +12,23 @@ P masked-LM predictions per sequence, T real (non-padding) tokens in the batch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Google's released sizes (Turc et al. 2019 for the small ones): name -> (layers, hidden).
-# Heads = hidden / 64 and intermediate = 4 * hidden throughout.
-PRESETS = {
-    "tiny": (2, 128),
-    "mini": (4, 256),
-    "small": (4, 512),
-    "medium": (8, 512),
-    "base": (12, 768),
-    "large": (24, 1024),
-}
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact erf GELU, as Google's BERT and HF's "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+from bert.config import ACTIVATIONS, BertConfig
+from bert import padding
+from bert.padding import Packing
 
 
-@dataclass
-class BertConfig:
-    """Hugging Face's BertConfig field names and defaults (BERT-base)."""
-
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-
-    def __post_init__(self):
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "type_vocab_size"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
-        for name in ["hidden_dropout_prob", "attention_probs_dropout_prob"]:
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
-        for name in ["layer_norm_eps", "initializer_range"]:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"BertConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"BertConfig.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size)")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "BertConfig":
-        """Google's released sizes: tiny, mini, small, medium, base, large; fields may be overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        layers, hidden = PRESETS[name]
-        fields = dict(num_hidden_layers=layers, hidden_size=hidden,
-                      num_attention_heads=hidden // 64, intermediate_size=4 * hidden)
-        fields.update(overrides)
-        return cls.from_dict(fields)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        """Build from a dict; unknown keys are an error naming them (HF's extra keys are dropped by hf.py)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown BertConfig field(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, with a faster mask on CPU.
-
-    On CPU torch draws a dropout mask one single-threaded mt19937 number per element (~6 ns each here):
-    BERT-base at B=8, S=128 drops 37 tensors, 38M elements per step, 16% of the step. numpy's PCG64 draws
-    16-bit uniforms at ~1 ns each. Its seed comes from torch's generator, so torch.manual_seed and the
-    checkpointed RNG state still fix every mask. Drop iff u < round(p * 2^16): p = 0.1 drops 6554/65536.
-    On GPU, F.dropout (a fused Philox kernel) is already fast and is used as is.
-    """
-    if not training or p == 0.0 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    seed = int(torch.randint(0, 2**62, ()))
-    u = np.random.Generator(np.random.PCG64(seed)).integers(0, 1 << 16, size=x.shape, dtype=np.uint16)
-    # Viewed as int16, u becomes u - 2^15 (same order). keep = 1/(1-p) or 0, in x's dtype: one multiply.
-    keep = torch.from_numpy(u.view(np.int16)).ge_(round(p * (1 << 16)) - (1 << 15))
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with the fast CPU mask above (still an nn.Dropout for code that looks for one)."""
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                   dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v, dropout on the probabilities; (B, N, S, D) in and out. attn_mask:
+    (B, 1, 1, S) bool, True = a key the query may attend to."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +76,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Non-persistent, as in HF: they are not part of the checkpoint.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
                              persistent=False)
@@ -197,33 +100,20 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.attend = sdpa_attention  # the kernel; a host may swap in its own (same signature)
 
-    def forward(self, x, attn_mask, tokens=None):
-        """x: (B, S, H), or (T, H) when `tokens` = (index of the real tokens in B*S, B, S) is given."""
-        B, S = x.shape[:2] if tokens is None else tokens[1:]
-        H = x.shape[-1]
+    def forward(self, x, attn_mask, packing: Optional[Packing] = None):
+        """x: (B, S, H), or the real tokens (T, H) of an unpadded batch with their `packing`."""
+        B, S = x.shape[:2] if packing is None else (packing.batch, packing.seq_len)
 
         def heads(t):  # (B, S, H) or (T, H) -> (B, N, S, D); padded slots of an unpadded batch are 0
-            if tokens is not None:
-                t = t.new_zeros(B * S, H).index_copy(0, tokens[0], t)
+            t = t if packing is None else padding.pad(t, packing)
             return t.view(B, S, self.num_heads, self.head_size).transpose(1, 2)
 
-        def heads_back(t):  # (B, N, S, D) -> (B, S, H) or (T, H)
-            t = t.transpose(1, 2).reshape(B, S, H)
-            return t if tokens is None else t.view(B * S, H).index_select(0, tokens[0])
-
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # attn_mask: (B, 1, 1, S) bool, True = attend; softmax(q k^T / sqrt(D)) v with dropout on the probs.
-        if not (self.training and self.dropout_p > 0 and x.device.type == "cpu"):
-            return heads_back(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0))
-        # SDPA's CPU kernels cannot drop probabilities; with dropout it runs this same math with torch's slow
-        # mask (and in fp32). Written out to use the fast mask. Precision as Megatron's bf16 path: scores are
-        # rounded to the compute dtype once, softmax accumulates in fp32. Scaling q first is exact for D = 64.
-        scores = (q * self.head_size ** -0.5) @ k.transpose(-1, -2)  # (B, N, S, S)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
-        return heads_back(dropout(scores.softmax(-1), self.dropout_p, True) @ v)  # (B, N, S, D) -> (B, S, H)
+        out = self.attend(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)  # (B, N, S, D)
+        out = out.transpose(1, 2).reshape(B, S, -1)  # (B, S, H)
+        return out if packing is None else padding.repack(out, packing)
 
 
 class BertSelfOutput(nn.Module):
@@ -233,7 +123,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -245,8 +135,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config, config.hidden_size)
 
-    def forward(self, x, attn_mask, tokens=None):
-        return self.output(self.self(x, attn_mask, tokens), x)
+    def forward(self, x, attn_mask, packing=None):
+        return self.output(self.self(x, attn_mask, packing), x)
 
 
 class BertIntermediate(nn.Module):
@@ -266,8 +156,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertSelfOutput(config, config.intermediate_size)  # HF's BertOutput has the same shape
 
-    def forward(self, x, attn_mask, tokens=None):
-        x = self.attention(x, attn_mask, tokens)  # the rest of the layer is per token: (T, H) works as is
+    def forward(self, x, attn_mask, packing=None):
+        x = self.attention(x, attn_mask, packing)  # the rest of the layer is per token: (T, H) works as is
         return self.output(self.intermediate(x), x)
 
 
@@ -276,9 +166,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, attn_mask, tokens=None):
+    def forward(self, x, attn_mask, packing=None):
         for layer in self.layer:
-            x = layer(x, attn_mask, tokens)
+            x = layer(x, attn_mask, packing)
         return x
 
 
@@ -346,8 +236,8 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, unpad: bool = False) -> BertModelOutput:
         """unpad=True runs the encoder's per-token work (all its matmuls but attention's two) on the real
-        tokens only and returns 0 at padded positions; real positions and the pooler are unchanged. Padding
-        is whatever a batch's shorter sequences leave: 48% of the positions in the demo's shards."""
+        tokens only (bert/padding.py) and returns 0 at padded positions; real positions and the pooler are
+        unchanged."""
         self.check_inputs(input_ids, token_type_ids, attention_mask)
         B, S = input_ids.shape
         if token_type_ids is None:
@@ -356,14 +246,12 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is not None:
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys a query may attend to
         x = self.embeddings(input_ids, token_type_ids)  # (B, S, H)
-        tokens = None
-        if unpad and attn_mask is not None and not bool(attn_mask.all()):
-            index = attn_mask.reshape(-1).nonzero().squeeze(1)  # (T,) positions of real tokens in B*S
-            tokens = (index, B, S)
-            x = x.reshape(B * S, -1).index_select(0, index)  # (T, H)
-        x = self.encoder(x, attn_mask, tokens)  # (B, S, H) or (T, H)
-        if tokens is not None:
-            x = x.new_zeros(B * S, x.shape[-1]).index_copy(0, tokens[0], x).view(B, S, -1)  # (B, S, H)
+        packing = None
+        if unpad and attention_mask is not None and not bool(attn_mask.all()):
+            x, packing = padding.unpad(x, attention_mask)  # (T, H)
+        x = self.encoder(x, attn_mask, packing)  # (B, S, H) or (T, H)
+        if packing is not None:
+            x = padding.pad(x, packing)  # (B, S, H), zeros at padding
         pooled = self.pooler(x) if self.pooler is not None else None
         return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
 
@@ -413,6 +301,7 @@ class BertForPreTraining(BertPreTrainedModel):
         self.apply(self._init_weights)
         nn.init.zeros_(self.cls.predictions.bias)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tie (V, H)
+        self.unpad = True  # the loss path skips padding (bert/padding.py); False only to measure it
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 masked_lm_positions=None, masked_lm_ids=None, masked_lm_weights=None,
@@ -423,7 +312,7 @@ class BertForPreTraining(BertPreTrainedModel):
         next_sentence_label: (B,), 1 = random next (Google's convention), 0 = is next.
         """
         # The loss reads only real positions ([CLS] and the predicted ones), so padding can be skipped.
-        out = self.bert(input_ids, token_type_ids, attention_mask, unpad=masked_lm_positions is not None)
+        out = self.bert(input_ids, token_type_ids, attention_mask, unpad=self.unpad and masked_lm_positions is not None)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
         if masked_lm_positions is None:
             return BertForPreTrainingOutput(
@@ -482,7 +371,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.config = config
         self.num_labels = num_labels
         self.bert = BertModel(config)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(self._init_weights)
 

@@ -4,34 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bert import BertConfig, BertForPreTraining, BertModel, PRESETS, count_parameters
-
-
-def tiny_config(**overrides):
-    fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=48, max_position_embeddings=32)
-    fields.update(overrides)
-    return BertConfig(**fields)
-
-
-def make_batch(config, B=4, S=12, P=4, seed=0):
-    """Random batch with padding (row 1 and 2 shorter), both token types, and padded prediction slots."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, config.vocab_size, (B, S), generator=g)
-    lengths = torch.tensor([S, S - 4, S // 2, S - 1])[:B]
-    attention_mask = (torch.arange(S)[None, :] < lengths[:, None]).long()  # (B, S)
-    ids = ids * attention_mask  # pad id 0 after each sequence
-    token_type_ids = ((torch.arange(S)[None, :] >= (lengths[:, None] // 2)) & attention_mask.bool()).long()
-    positions = torch.stack([torch.randperm(int(n) - 1, generator=g)[:P] + 1 for n in lengths])  # (B, P)
-    weights = torch.ones(B, P)
-    weights[1, -1] = 0.0  # padded prediction slots: position 0, id 0, weight 0 (as the loader writes them)
-    weights[2, -2:] = 0.0
-    positions = positions * weights.long()
-    mlm_ids = torch.randint(5, config.vocab_size, (B, P), generator=g) * weights.long()
-    nsp = torch.randint(0, 2, (B,), generator=g)
-    return dict(input_ids=ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                masked_lm_positions=positions, masked_lm_ids=mlm_ids, masked_lm_weights=weights,
-                next_sentence_label=nsp)
+from bert import PRESETS, BertConfig, BertForPreTraining, BertModel, count_parameters
+from helpers import make_batch, tiny_config
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -249,64 +223,6 @@ def test_attention_uses_sdpa_with_padding_mask(monkeypatch):
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out2.last_hidden_state[real], out.last_hidden_state[real], rtol=0, atol=1e-6)
     torch.testing.assert_close(out2.pooler_output, out.pooler_output, rtol=0, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------- dropout
-
-def test_cpu_dropout_drops_p_and_scales_the_rest():
-    from bert.model import dropout
-    x = torch.ones(400, 1000, requires_grad=True)
-    torch.manual_seed(1)
-    y = dropout(x, 0.1, True)
-    dropped = (y == 0).float().mean().item()
-    p = 6554 / 65536  # round(0.1 * 2^16) / 2^16
-    assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # binomial, 5 sigma
-    assert torch.equal(y.unique(), torch.tensor([0.0, 1 / 0.9]))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d(x * mask)/dx = mask: the same units are dropped backward
-    # Rows are not all alike (a broadcast or constant mask would be)
-    assert not torch.equal(y[0], y[1])
-
-
-def test_cpu_dropout_masks_follow_torch_seed_and_eval_is_identity():
-    from bert.model import dropout
-    x = torch.randn(64, 64)
-    torch.manual_seed(3)
-    a = dropout(x, 0.1, True)
-    torch.manual_seed(3)
-    b = dropout(x, 0.1, True)
-    c = dropout(x, 0.1, True)  # the generator moved on: a new mask
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert dropout(x, 0.1, False) is x or torch.equal(dropout(x, 0.1, False), x)
-    bf = dropout(x.bfloat16(), 0.1, True)
-    assert bf.dtype == torch.bfloat16
-
-
-def test_training_attention_is_unbiased_and_masks_padding():
-    """The CPU training path (explicit softmax + fast dropout) averages to the eval path (SDPA, no dropout),
-    and padded keys get no weight in it."""
-    from bert.model import BertSelfAttention
-    config = tiny_config(attention_probs_dropout_prob=0.3)
-    att = BertSelfAttention(config)
-    batch = make_batch(config)
-    B, S = batch["input_ids"].shape
-    x = torch.randn(B, S, config.hidden_size)
-    mask = batch["attention_mask"].bool()[:, None, None, :]
-    with torch.no_grad():
-        expect = att.eval()(x, mask)
-        att.train()
-        torch.manual_seed(0)
-        mean = sum(att(x, mask) for _ in range(2000)) / 2000
-        # Dropout is unbiased: the average output approaches the no-dropout output (a missing 1/(1-p)
-        # would be 30% off; a wrong mask or softmax axis further still).
-        torch.testing.assert_close(mean, expect, rtol=0, atol=0.02)
-        noise = torch.randn(B, S, config.hidden_size) * (~mask[:, 0, 0, :, None])
-        torch.manual_seed(1)
-        a = att(x, mask)
-        torch.manual_seed(1)
-        b = att(x + noise, mask)  # only padded rows changed: keys/values there must not matter
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(b[real], a[real], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- unpadding
