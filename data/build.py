@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -197,12 +199,11 @@ def _ordered_bounded_map(fn, tasks: Iterable, workers: int, initargs: tuple, pre
 class ShardWriter:
     """Writes ``{split}-NNNNNN.tar`` shards of ``shard_size`` members; ``.tmp`` until complete."""
 
-    def __init__(self, out: str, split: str, shard_size: int, on_close=None):
+    def __init__(self, out: str, split: str, shard_size: int):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.shards: list[dict] = []
         self.f = None
         self.count = self.tokens = 0
-        self.on_close = on_close
 
     def _path(self) -> str:
         return os.path.join(self.out, shards.shard_name(self.split, len(self.shards)))
@@ -236,8 +237,6 @@ class ShardWriter:
         os.replace(path + ".tmp", path)
         self.shards.append({"name": os.path.basename(path), "samples": self.count, "tokens": self.tokens})
         self.count = self.tokens = 0
-        if self.on_close:
-            self.on_close()
 
     def abort(self) -> None:
         if self.f is not None:
@@ -271,60 +270,49 @@ def write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def build(
-    inputs: list[str] | str,
-    tokenizer: str | BertTokenizer,
-    out: str,
-    *,
-    max_seq_len: int = 128,
-    max_predictions: int = 20,
-    masked_lm_prob: float = 0.15,
-    short_seq_prob: float = 0.1,
-    dupe_factor: int = 5,
-    whole_word_mask: bool = False,
-    seed: int = 12345,
-    workers: int | None = None,
-    valid_fraction: float = 0.01,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    text_column: str = "text",
-    sentences_per_doc: int = 0,
-    max_line_chars: int = 20000,
-    drop_headings: bool = True,
-    block_docs: int = DEFAULT_BLOCK_DOCS,
-    block_chars: int = DEFAULT_BLOCK_CHARS,
-    num_slices: int = 1,
-    slice_index: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    _crash_after_shards: int | None = None,
-) -> dict:
-    """Build shards into ``out`` and return the manifest (also written to ``out/manifest.json``)."""
-    t_start = time.time()
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    _check_settings(max_seq_len, max_predictions, masked_lm_prob, short_seq_prob, dupe_factor,
-                    valid_fraction, shard_size, block_docs, block_chars, num_slices, slice_index)
-    tok = tokenizer if isinstance(tokenizer, BertTokenizer) else load_tokenizer(tokenizer)
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    params = Params(max_seq_len, max_predictions, masked_lm_prob, short_seq_prob, dupe_factor,
-                    whole_word_mask, seed)
-    copts = CorpusOptions(inputs=list(inputs), text_column=text_column,
-                          sentences_per_doc=sentences_per_doc, max_line_chars=max_line_chars,
-                          drop_headings=drop_headings)
-    settings = {
-        "max_seq_len": max_seq_len, "max_predictions": max_predictions,
-        "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob,
-        "dupe_factor": dupe_factor, "whole_word_mask": whole_word_mask, "seed": seed,
-        "valid_fraction": valid_fraction, "shard_size": shard_size,
-        **copts.settings(),
-        "block_docs": block_docs, "block_chars": block_chars,
-        "num_slices": num_slices, "slice_index": slice_index,
-        "next_sentence_label": "1 = random next (Google)",
-    }
-    tok_meta = {k: v for k, v in tok.meta().items()}
+@dataclass(frozen=True)
+class BuildSettings(Params):
+    """What the examples are (Google's parameters, Params, and how they are cut into shards); recorded in the
+    manifest: the same inputs, tokenizer and settings give the same bytes, whatever the worker count."""
 
-    for spec in inputs:  # a missing input fails before the output folder is touched
-        resolve_spec(spec)
+    valid_fraction: float = 0.01
+    shard_size: int = DEFAULT_SHARD_SIZE
+    block_docs: int = DEFAULT_BLOCK_DOCS
+    """Documents per work block = random-next pool and shuffle window."""
+    block_chars: int = DEFAULT_BLOCK_CHARS
+    """Also close a block at this many characters (bounds memory)."""
+    num_slices: int = 1
+    """Build only the blocks with index % num_slices == slice_index (python -m data.merge joins them)."""
+    slice_index: int = 0
+
+    def check(self) -> None:
+        checks = [
+            (5 <= self.max_seq_len <= 65535, f"--max-seq-len {self.max_seq_len} must be in 5..65535"),
+            (self.max_predictions >= 1, f"--max-predictions {self.max_predictions} must be >= 1"),
+            (0 < self.masked_lm_prob < 1, f"--masked-lm-prob {self.masked_lm_prob} must be in (0, 1)"),
+            (0 <= self.short_seq_prob <= 1, f"--short-seq-prob {self.short_seq_prob} must be in [0, 1]"),
+            (self.dupe_factor >= 1, f"--dupe-factor {self.dupe_factor} must be >= 1"),
+            (0 <= self.valid_fraction < 1, f"--valid-fraction {self.valid_fraction} must be in [0, 1)"),
+            (self.shard_size >= 1, f"--shard-size {self.shard_size} must be >= 1"),
+            (self.block_docs >= 1 and self.block_chars >= 1, "--block-docs/--block-chars must be >= 1"),
+            (self.num_slices >= 1 and 0 <= self.slice_index < self.num_slices,
+             f"--slice-index {self.slice_index} must be in 0..{self.num_slices - 1}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DataError(msg)
+
+    def manifest_settings(self, corpus: CorpusOptions) -> dict:
+        s = dataclasses.asdict(self)
+        order = ("max_seq_len", "max_predictions", "masked_lm_prob", "short_seq_prob", "dupe_factor",
+                 "whole_word_mask", "seed", "valid_fraction", "shard_size")
+        return {**{k: s[k] for k in order}, **corpus.settings(), "block_docs": self.block_docs,
+                "block_chars": self.block_chars, "num_slices": self.num_slices, "slice_index": self.slice_index,
+                "next_sentence_label": "1 = random next (Google)"}
+
+
+def _prepare_out_dir(out: str, settings: dict, tok_meta: dict, overwrite: bool) -> dict | None:
+    """Make ``out`` ready for a build; returns the manifest of an identical finished build (nothing to do)."""
     os.makedirs(out, exist_ok=True)
     mpath = os.path.join(out, shards.MANIFEST)
     if os.path.exists(mpath):
@@ -333,56 +321,93 @@ def build(
         except DataError:
             old = None
         if old and old["settings"] == settings and old["tokenizer"] == tok_meta and not overwrite:
-            print(f"{out}: already built with these settings and tokenizer; nothing to do",
-                  file=sys.stderr)
+            print(f"{out}: already built with these settings and tokenizer; nothing to do", file=sys.stderr)
             return old
         if old is not None and not overwrite:
-            raise DataError(f"{mpath}: the folder holds a different build; pass --overwrite "
-                            f"or choose another --out")
+            raise DataError(f"{mpath}: the folder holds a different build; pass --overwrite or choose another --out")
         os.remove(mpath)  # (or it was unreadable) from here on the folder no longer looks complete
     _clean_out_dir(out)  # leftovers of an interrupted build: restart cleanly
+    return None
+
+
+def _write_blocks(results, writers: dict, pbar) -> tuple[collections.Counter, float]:
+    """Write each block's encoded examples, in block order; returns the summed counters and worker CPU."""
+    stats: collections.Counter = collections.Counter()
+    cpu = 0.0
+    for res in results:
+        for s in shards.SPLITS:
+            writers[s].add(*res[s])
+        stats.update(res["stats"])
+        stats["blocks"] += 1
+        cpu += res["cpu"]
+        if pbar is not None:
+            pbar.update(res["stats"].get("documents", 0))
+            pbar.set_postfix(examples=writers["train"].count + sum(x["samples"] for x in writers["train"].shards),
+                             refresh=False)
+    for w in writers.values():
+        w.close_shard()
+    return stats, cpu
+
+
+def _manifest(tok_meta: dict, settings: dict, splits: dict, reader_stats, stats) -> dict:
+    return {
+        "format_version": shards.FORMAT_VERSION,
+        "tokenizer": tok_meta,
+        "settings": settings,
+        "splits": splits,
+        "stats": {
+            "input": {"files": reader_stats["files"], "raw_documents": reader_stats["raw_documents"]},
+            **{k: stats[k] for k in ("documents", "train_documents", "valid_documents", "one_sentence_documents",
+                                     "sentences", "input_tokens", "blocks")},
+            "examples": splits["train"]["samples"] + splits["valid"]["samples"],
+            "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
+            **{k: stats[k] for k in ("random_next", "forced_random_next", "target_draws", "short_target_draws",
+                                     "masked_as_mask", "masked_kept", "masked_random")},
+            "skipped": {k: reader_stats[k] + stats[k] for k in SKIP_REASONS},
+            "repaired": {k: reader_stats[k] + stats[k] for k in ("non_utf8_lines", "giant_lines_cut")},
+        },
+    }
+
+
+def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenizer, out: str,
+          settings: BuildSettings | None = None, *, workers: int | None = None, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Build shards of ``corpus`` (options, or input specs) into ``out``; returns the manifest (also written to
+    ``out/manifest.json``, last: its presence means the build is complete)."""
+    t_start = time.time()
+    if not isinstance(corpus, CorpusOptions):
+        corpus = CorpusOptions(inputs=[corpus] if isinstance(corpus, str) else list(corpus))
+    settings = settings or BuildSettings()
+    settings.check()
+    tok = tokenizer if isinstance(tokenizer, BertTokenizer) else load_tokenizer(tokenizer)
+    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    manifest_settings, tok_meta = settings.manifest_settings(corpus), dict(tok.meta())
+    for spec in corpus.inputs:  # a missing input fails before the output folder is touched
+        resolve_spec(spec)
+    done = _prepare_out_dir(out, manifest_settings, tok_meta, overwrite)
+    if done is not None:
+        return done
 
     reader_stats: dict = collections.Counter()
-    raws = iter_raw_documents(copts, reader_stats)
-    pbar = None
-    if progress:
-        from tqdm import tqdm
-
-        pbar = tqdm(desc="build", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
     def counted(it):
         for r in it:
             reader_stats["raw_documents"] += 1
             yield r
 
-    blocks = (b for b in iter_blocks(counted(raws), block_docs, block_chars)
-              if b[0] % num_slices == slice_index)
-    closed = [0]
-
-    def on_close():
-        closed[0] += 1
-        if _crash_after_shards is not None and closed[0] >= _crash_after_shards:
-            raise RuntimeError("simulated crash (test hook)")
-
-    writers = {s: ShardWriter(out, s, shard_size, on_close) for s in shards.SPLITS}
-    stats: collections.Counter = collections.Counter()
-    cpu = 0.0
-    initargs = (tok.tokenizer.to_str(), params, valid_fraction, {
-        "max_line_chars": max_line_chars, "drop_headings": drop_headings})
+    blocks = (b for b in iter_blocks(counted(iter_raw_documents(corpus, reader_stats)), settings.block_docs,
+                                     settings.block_chars) if b[0] % settings.num_slices == settings.slice_index)
+    writers = {s: ShardWriter(out, s, settings.shard_size) for s in shards.SPLITS}
+    initargs = (tok.tokenizer.to_str(), settings, settings.valid_fraction,
+                {"max_line_chars": corpus.max_line_chars, "drop_headings": corpus.drop_headings})
     results = _ordered_bounded_map(process_block, blocks, workers, initargs, prefetch=2)
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(desc="build", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
-        for res in results:
-            for s in shards.SPLITS:
-                writers[s].add(*res[s])
-            stats.update(res["stats"])
-            stats["blocks"] += 1
-            cpu += res["cpu"]
-            if pbar is not None:
-                pbar.update(res["stats"].get("documents", 0))
-                pbar.set_postfix(examples=writers["train"].count + sum(
-                    x["samples"] for x in writers["train"].shards), refresh=False)
-        for w in writers.values():
-            w.close_shard()
+        stats, cpu = _write_blocks(results, writers, pbar)
     except BaseException as e:
         for w in writers.values():
             w.abort()
@@ -393,75 +418,26 @@ def build(
         results.close()  # stops the worker pool now, also on errors
         if pbar is not None:
             pbar.close()
-
-    if reader_stats["raw_documents"] == 0 or (num_slices == 1 and stats["documents"] == 0):
+    if reader_stats["raw_documents"] == 0 or (settings.num_slices == 1 and stats["documents"] == 0):
         _clean_out_dir(out)
-        raise DataError(f"no documents with text in input(s): {', '.join(inputs)}")
+        raise DataError(f"no documents with text in input(s): {', '.join(corpus.inputs)}")
 
     tok.save(os.path.join(out, "tokenizer"))
     splits = {s: writers[s].summary() for s in shards.SPLITS}
-    skipped = {k: reader_stats[k] + stats[k] for k in SKIP_REASONS}
-    fixed = {k: reader_stats[k] + stats[k] for k in ("non_utf8_lines", "giant_lines_cut")}
-    manifest = {
-        "format_version": shards.FORMAT_VERSION,
-        "tokenizer": tok_meta,
-        "settings": settings,
-        "splits": splits,
-        "stats": {
-            "input": {"files": reader_stats["files"], "raw_documents": reader_stats["raw_documents"]},
-            "documents": stats["documents"],
-            "train_documents": stats["train_documents"],
-            "valid_documents": stats["valid_documents"],
-            "one_sentence_documents": stats["one_sentence_documents"],
-            "sentences": stats["sentences"],
-            "input_tokens": stats["input_tokens"],
-            "blocks": stats["blocks"],
-            "examples": splits["train"]["samples"] + splits["valid"]["samples"],
-            "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
-            "random_next": stats["random_next"],
-            "forced_random_next": stats["forced_random_next"],
-            "target_draws": stats["target_draws"],
-            "short_target_draws": stats["short_target_draws"],
-            "masked_as_mask": stats["masked_as_mask"],
-            "masked_kept": stats["masked_kept"],
-            "masked_random": stats["masked_random"],
-            "skipped": skipped,
-            "repaired": fixed,
-        },
-    }
+    manifest = _manifest(tok_meta, manifest_settings, splits, reader_stats, stats)
+    mpath = os.path.join(out, shards.MANIFEST)
     shards.validate_manifest(manifest, mpath)
     write_json_atomic(mpath, manifest)  # written last: its presence means the build is complete
 
     wall = time.time() - t_start
     st = manifest["stats"]
-    per_core = st["tokens"] / max(wall, 1e-9) / workers
-    per_cpu = st["tokens"] / max(cpu, 1e-9)
-    skipped_s = ", ".join(f"{k} {v}" for k, v in {**skipped, **fixed}.items() if v) or "none"
+    skipped_s = ", ".join(f"{k} {v}" for k, v in {**st["skipped"], **st["repaired"]}.items() if v) or "none"
     print(f"built {out}: {st['documents']} documents ({st['valid_documents']} valid), "
           f"{st['examples']} examples (train {splits['train']['samples']}, valid "
           f"{splits['valid']['samples']}), {st['tokens']} tokens, skipped/repaired: {skipped_s}; "
-          f"{wall:.1f}s wall, {per_core:,.0f} tokens/s per worker core "
-          f"({workers} workers; {per_cpu:,.0f} tokens/s per worker CPU-second)", file=sys.stderr)
+          f"{wall:.1f}s wall, {st['tokens'] / max(wall, 1e-9) / workers:,.0f} tokens/s per worker core "
+          f"({workers} workers; {st['tokens'] / max(cpu, 1e-9):,.0f} tokens/s per worker CPU-second)", file=sys.stderr)
     return manifest
-
-
-def _check_settings(max_seq_len, max_predictions, masked_lm_prob, short_seq_prob, dupe_factor,
-                    valid_fraction, shard_size, block_docs, block_chars, num_slices, slice_index):
-    checks = [
-        (5 <= max_seq_len <= 65535, f"--max-seq-len {max_seq_len} must be in 5..65535"),
-        (max_predictions >= 1, f"--max-predictions {max_predictions} must be >= 1"),
-        (0 < masked_lm_prob < 1, f"--masked-lm-prob {masked_lm_prob} must be in (0, 1)"),
-        (0 <= short_seq_prob <= 1, f"--short-seq-prob {short_seq_prob} must be in [0, 1]"),
-        (dupe_factor >= 1, f"--dupe-factor {dupe_factor} must be >= 1"),
-        (0 <= valid_fraction < 1, f"--valid-fraction {valid_fraction} must be in [0, 1)"),
-        (shard_size >= 1, f"--shard-size {shard_size} must be >= 1"),
-        (block_docs >= 1 and block_chars >= 1, "--block-docs/--block-chars must be >= 1"),
-        (num_slices >= 1 and 0 <= slice_index < num_slices,
-         f"--slice-index {slice_index} must be in 0..{num_slices - 1}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise DataError(msg)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -494,14 +470,9 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    build(a.input, a.tokenizer, a.out, max_seq_len=a.max_seq_len, max_predictions=a.max_predictions,
-          masked_lm_prob=a.masked_lm_prob, short_seq_prob=a.short_seq_prob,
-          dupe_factor=a.dupe_factor, whole_word_mask=a.whole_word_mask, seed=a.seed,
-          workers=a.workers, valid_fraction=a.valid_fraction, shard_size=a.shard_size,
-          text_column=a.text_column, sentences_per_doc=a.sentences_per_doc,
-          max_line_chars=a.max_line_chars, drop_headings=not a.keep_headings,
-          block_docs=a.block_docs, block_chars=a.block_chars, num_slices=a.num_slices,
-          slice_index=a.slice_index, overwrite=a.overwrite, progress=not a.no_progress)
+    settings = BuildSettings(**{f.name: getattr(a, f.name) for f in dataclasses.fields(BuildSettings)})
+    build(CorpusOptions.from_args(a), a.tokenizer, a.out, settings, workers=a.workers, overwrite=a.overwrite,
+          progress=not a.no_progress)
     return 0
 
 

@@ -53,7 +53,7 @@ def compute_stats(examples, manifest: dict, mask_id: int, cls_id: int, sep_id: i
         return {"examples": 0}
     lens_a = np.asarray(lens)
     npred_a = np.asarray(npred)
-    formula = num_to_predict(lens_a, p)
+    formula = num_to_predict(lens_a, p.max_predictions, p.masked_lm_prob)
     edges = np.linspace(0, max_len, 9).round().astype(int)
     hist, _ = np.histogram(lens_a, bins=edges)
     total_masked = max(1, n_mask + n_kept + n_rand)

@@ -149,9 +149,12 @@ def create_instances(docs: list[list[list[int]]], p: Params, seed_parts: tuple, 
                      [out.is_random_next[k] for k in order])
 
 
-def num_to_predict(length: int | np.ndarray, p: Params):
-    """Google: min(max_predictions, max(1, round(len(tokens) * masked_lm_prob))) (half to even)."""
-    return np.minimum(p.max_predictions, np.maximum(1, np.round(np.asarray(length) * p.masked_lm_prob)))
+def num_to_predict(length: int | np.ndarray, max_predictions: int, masked_lm_prob: float):
+    """Google: min(max_predictions, max(1, round(len(tokens) * masked_lm_prob))), half to even as Python's
+    round; len counts [CLS]/[SEP]: 128 -> round(19.2) = 19, 512 -> round(76.8) = 77. The one copy of the rule
+    (builder, load-time re-masking, inspector, benchmark batches)."""
+    n = np.minimum(max_predictions, np.maximum(1, np.round(np.asarray(length) * masked_lm_prob)))
+    return int(n) if np.ndim(n) == 0 else n.astype(np.int64)
 
 
 @dataclass
@@ -176,7 +179,7 @@ def mask_instances(inst: Instances, p: Params, rng: np.random.Generator, vocab_s
     inst_of = np.repeat(np.arange(len(lens)), lens)
     pos_in = np.arange(total) - np.repeat(offsets[:-1], lens)
     cand = (tokens != cls_id) & (tokens != sep_id)
-    k = num_to_predict(lens, p).astype(np.int64)
+    k = num_to_predict(lens, p.max_predictions, p.masked_lm_prob)
     if not p.whole_word_mask:
         # A uniformly random ordering of the candidates of each instance; take the first k.
         key = np.where(cand, rng.random(total) * 0.5, 0.75) + inst_of

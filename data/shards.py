@@ -150,51 +150,67 @@ def decode_sample(raw: dict) -> dict:
     return decode_record(key, bytes(data) if not isinstance(data, bytes) else data)
 
 
-def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of regular files, fast path for our own ustar shards."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    mv = memoryview(buf)
-    off, n = 0, len(buf)
-    while off + 512 <= n:
-        h = buf[off:off + 512]
-        if h[0] == 0:  # end-of-archive block
-            return
-        if h[257:262] != b"ustar" or h[156] not in (0x30, 0):  # not ours: let tarfile do it
-            yield from _iter_tar_generic(path, skip=off)
-            return
-        try:
-            size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ValueError(f"{path}: corrupt tar header at byte {off}") from None
-        name = h[0:100].split(b"\0", 1)[0].decode("utf-8")
-        prefix = h[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix.decode("utf-8") + "/" + name
-        start = off + 512
-        if start + size > n:
-            raise ValueError(f"{path}: truncated tar member {name!r}")
-        yield name, bytes(mv[start:start + size])
-        off = start + size + ((-size) % 512)
+class ShardScan:
+    """What reading one shard found: samples read before the end or the damage, and the damage if any."""
+
+    def __init__(self, path: str):
+        self.path, self.samples, self.error = path, 0, None
+
+    def describe(self, expected: int) -> str | None:
+        """None when the shard was read whole with ``expected`` samples; else what is wrong, in words."""
+        if self.error is None and self.samples == expected:
+            return None
+        why = f"{self.error}; " if self.error else ""
+        return f"{why}{self.samples} samples read, manifest says {expected}"
 
 
-def _iter_tar_generic(path: str, skip: int = 0) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if m.isfile() and m.offset >= skip:
-                f = tf.extractfile(m)
-                yield m.name, f.read() if f else b""
+def _reason(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, OSError):
+        return f"unreadable ({e.strerror or e})"
+    msg = str(e.args[0]) if e.args else str(e)
+    return f"{type(e).__name__}: {msg.split(' @ ')[0]}"  # webdataset appends ' @ <file object>'
 
 
-def iter_shard(path: str) -> Iterator[dict]:
-    """Decoded examples of one shard file, in stored order."""
-    for name, data in iter_tar_members(path):
-        base = os.path.basename(name)
-        key, _, ext = base.partition(".")
-        if ext != SAMPLE_EXT:
-            continue
-        d = os.path.dirname(name)
-        yield decode_record(f"{d}/{key}" if d else key, data)
+
+def iter_samples(path: str, scan: ShardScan | None = None) -> Iterator[dict]:
+    """Raw WebDataset samples (``__key__`` + bytes per lower-cased extension) of one shard in stored order,
+    read with webdataset's tar member iteration and its key rule (``base_plus_ext``). A missing, unreadable,
+    truncated or corrupt archive ends the iteration after the samples whose members were read whole; ``scan``
+    records the count and the reason (tar itself ends silently at a header overwritten mid-archive: compare
+    ``scan.samples`` with the manifest)."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    scan = scan if scan is not None else ShardScan(path)
+    current = None
+    try:
+        with open(path, "rb") as f:
+            for member in tar_file_iterator(f):
+                key, ext = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                if current is not None and key != current["__key__"]:
+                    scan.samples += 1
+                    yield current
+                    current = None
+                current = current or {"__key__": key}
+                current[ext.lower()] = member["data"]
+    except (OSError, EOFError, tarfile.TarError, ValueError, UnicodeDecodeError) as e:
+        scan.error = _reason(e)
+    if current is not None:  # the last sample before the end (or the damage), its members read whole
+        scan.samples += 1
+        yield current
+
+
+def iter_shard(path: str, expected: int | None = None) -> Iterator[dict]:
+    """Decoded examples of one shard file, in stored order; DataError naming the file if it is damaged."""
+    scan = ShardScan(path)
+    for raw in iter_samples(path, scan):
+        yield decode_sample(raw)
+    problem = scan.describe(scan.samples if expected is None else expected)
+    if problem:
+        raise DataError(f"{path}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +275,6 @@ def shard_paths(path: str, split: str = "train") -> list[str]:
 
 def iter_examples(path: str, split: str = "train") -> Iterator[dict]:
     """Decoded examples of every shard of ``split``, in manifest order."""
-    for p in shard_paths(path, split):
-        if not os.path.exists(p):
-            raise DataError(f"{p}: shard listed in the manifest is missing")
-        yield from iter_shard(p)
+    m = read_manifest(path)
+    for p, sh in zip(shard_paths(path, split), m["splits"][split]["shards"]):
+        yield from iter_shard(p, sh["samples"])

@@ -1,5 +1,6 @@
 """Example builder: Google-exact algorithm, statistics of real shards, determinism, slices + merge."""
 
+import dataclasses
 import glob
 import math
 import os
@@ -106,10 +107,10 @@ def test_instances_identical_to_google_reference(max_seq_len, short):
 
 def test_num_to_predict_formula():
     p = Params(max_seq_len=512, max_predictions=80)
-    assert num_to_predict(128, Params()) == 19 and num_to_predict(512, p) == 77
-    assert num_to_predict(5, Params()) == 1 and num_to_predict(200, Params()) == 20
+    assert num_to_predict(128, 20, 0.15) == 19 and num_to_predict(512, p.max_predictions, p.masked_lm_prob) == 77
+    assert num_to_predict(5, 20, 0.15) == 1 and num_to_predict(200, 20, 0.15) == 20
     for n in range(1, 300):
-        assert num_to_predict(n, Params()) == min(20, max(1, int(round(n * 0.15))))
+        assert num_to_predict(n, 20, 0.15) == min(20, max(1, int(round(n * 0.15))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def _s(ids):
     return "".join(map(chr, ids))
 
 
-def test_manifest_schema_and_counts(data_built, data_build_kw, data_tokenizer):
+def test_manifest_schema_and_counts(data_built, data_build_settings, data_tokenizer):
     m = shards.read_manifest(data_built)
     tok = load_tokenizer(data_tokenizer)
     assert m["format_version"] == shards.FORMAT_VERSION
@@ -149,7 +150,7 @@ def test_manifest_schema_and_counts(data_built, data_build_kw, data_tokenizer):
     for k in ("max_seq_len", "max_predictions", "masked_lm_prob", "short_seq_prob", "dupe_factor",
               "whole_word_mask", "seed", "valid_fraction", "shard_size", "inputs"):
         assert k in m["settings"]
-    assert m["settings"]["dupe_factor"] == data_build_kw["dupe_factor"]
+    assert m["settings"]["dupe_factor"] == data_build_settings.dupe_factor
     assert load_tokenizer(os.path.join(data_built, "tokenizer")).fingerprint == tok.fingerprint
     for split in shards.SPLITS:
         paths = shards.shard_paths(data_built, split)
@@ -163,10 +164,10 @@ def test_manifest_schema_and_counts(data_built, data_build_kw, data_tokenizer):
     assert not glob.glob(os.path.join(data_built, "*.tmp"))
 
 
-def test_layout_lengths_and_masking_statistics(data_built, data_build_kw):
+def test_layout_lengths_and_masking_statistics(data_built, data_build_settings):
     m = shards.read_manifest(data_built)
     exs = _all(data_built, "train") + _all(data_built, "valid")
-    p = Params(**{k: data_build_kw[k] for k in ("max_seq_len", "max_predictions")})
+    p = Params(max_seq_len=data_build_settings.max_seq_len, max_predictions=data_build_settings.max_predictions)
     n_mask = n_keep = n_other = 0
     for ex in exs:
         ids, seg, pos, lab = ex["input_ids"], ex["segment_ids"], ex["masked_lm_positions"], ex["masked_lm_ids"]
@@ -176,7 +177,7 @@ def test_layout_lengths_and_masking_statistics(data_built, data_build_kw):
         seps = np.flatnonzero(r == 3)
         assert r[0] == 2 and len(seps) == 2 and seps[1] == n - 1 and 1 < seps[0] < n - 2
         assert (seg[: seps[0] + 1] == 0).all() and (seg[seps[0] + 1:] == 1).all()
-        assert len(pos) == num_to_predict(n, p)  # exact formula without whole-word masking
+        assert len(pos) == num_to_predict(n, p.max_predictions, p.masked_lm_prob)  # exact without whole-word
         assert (np.diff(pos) > 0).all() and 0 not in pos and not np.isin(pos, seps).any()
         assert ex["next_sentence_label"] in (0, 1)
         at = ids[pos]
@@ -196,7 +197,7 @@ def test_layout_lengths_and_masking_statistics(data_built, data_build_kw):
     assert abs(labels - st["forced_random_next"] - free / 2) < 4 * math.sqrt(free / 4)
     # short targets drawn with short_seq_prob (once per document per pass, as Google)
     d = st["target_draws"]
-    assert d == st["documents"] * data_build_kw["dupe_factor"]
+    assert d == st["documents"] * data_build_settings.dupe_factor
     assert abs(st["short_target_draws"] / d - 0.1) < 4 * math.sqrt(0.09 / d)
     # the realised lengths: full-length examples dominate the long end, short ones exist
     lens = np.array([len(e["input_ids"]) for e in exs])
@@ -286,21 +287,21 @@ def _files(d):
     return out
 
 
-def test_byte_identical_whatever_workers(tmp_path, data_corpus, data_tokenizer, data_build_kw, data_built,
+def test_byte_identical_whatever_workers(tmp_path, data_corpus, data_tokenizer, data_build_settings, data_built,
                                          capsys):
-    kw = dict(data_build_kw)
-    build([data_corpus], data_tokenizer, str(tmp_path / "w2"), workers=2, **kw)
+    kw = data_build_settings
+    build([data_corpus], data_tokenizer, str(tmp_path / "w2"), kw, workers=2, progress=False)
     assert "tokens/s per worker core" in capsys.readouterr().err
     assert _files(str(tmp_path / "w2")) == _files(data_built)
-    kw["seed"] = 8
-    build([data_corpus], data_tokenizer, str(tmp_path / "s8"), workers=1, **kw)
+    kw = dataclasses.replace(kw, seed=8)
+    build([data_corpus], data_tokenizer, str(tmp_path / "s8"), kw, workers=1, progress=False)
     assert _files(str(tmp_path / "s8"))["train-000000.tar"] != _files(data_built)["train-000000.tar"]
 
 
-def test_whole_word_masking(tmp_path, data_corpus, data_tokenizer, data_build_kw):
-    kw = dict(data_build_kw, whole_word_mask=True, dupe_factor=1)
+def test_whole_word_masking(tmp_path, data_corpus, data_tokenizer, data_build_settings):
+    kw = dataclasses.replace(data_build_settings, whole_word_mask=True, dupe_factor=1)
     out = str(tmp_path / "wwm")
-    build([data_corpus], data_tokenizer, out, workers=1, **kw)
+    build([data_corpus], data_tokenizer, out, kw, workers=1, progress=False)
     tok = load_tokenizer(data_tokenizer)
     cont = np.array([t.startswith("##") for t in tok.vocab])
     p = Params(max_seq_len=128, max_predictions=20)
@@ -308,7 +309,7 @@ def test_whole_word_masking(tmp_path, data_corpus, data_tokenizer, data_build_kw
     exs = _all(out, "train")
     for ex in exs:
         r, pos = _restored(ex), ex["masked_lm_positions"]
-        k = num_to_predict(len(r), p)
+        k = num_to_predict(len(r), p.max_predictions, p.masked_lm_prob)
         assert len(pos) <= k
         short += len(pos) < k
         masked = set(pos.tolist())
@@ -321,18 +322,19 @@ def test_whole_word_masking(tmp_path, data_corpus, data_tokenizer, data_build_kw
     assert short < 0.5 * len(exs)  # groups are skipped only when they would overflow
 
 
-def test_slices_merge_to_exactly_the_slice_examples(tmp_path, data_corpus, data_tokenizer, data_build_kw):
-    kw = dict(data_build_kw, block_docs=100, dupe_factor=1)
+def test_slices_merge_to_exactly_the_slice_examples(tmp_path, data_corpus, data_tokenizer, data_build_settings):
+    kw = dataclasses.replace(data_build_settings, block_docs=100, dupe_factor=1)
     full = str(tmp_path / "full")
-    build([data_corpus], data_tokenizer, full, workers=1, **kw)
+    build([data_corpus], data_tokenizer, full, kw, workers=1, progress=False)
     parts, records = [], {}
     for i in range(3):
         d = str(tmp_path / f"part{i}")
-        m = build([data_corpus], data_tokenizer, d, workers=1, num_slices=3, slice_index=i, **kw)
+        m = build([data_corpus], data_tokenizer, d, dataclasses.replace(kw, num_slices=3, slice_index=i), workers=1,
+                  progress=False)
         assert m["settings"]["slice_index"] == i
         for s in shards.SPLITS:
             for p in shards.shard_paths(d, s):
-                records.update({(s, n): b for n, b in shards.iter_tar_members(p)})
+                records.update({(s, r["__key__"]): r["bin"] for r in shards.iter_samples(p)})
         parts.append(d)
     with pytest.raises(DataError, match="slices"):
         merge(str(tmp_path / "bad"), parts[:2])
@@ -341,13 +343,13 @@ def test_slices_merge_to_exactly_the_slice_examples(tmp_path, data_corpus, data_
     got = {}
     for s in shards.SPLITS:
         for p in shards.shard_paths(merged, s):
-            got.update({(s, n): b for n, b in shards.iter_tar_members(p)})
+            got.update({(s, r["__key__"]): r["bin"] for r in shards.iter_samples(p)})
     assert got == records
     # and, seeds being per global block, exactly the examples of the unsliced build
     ref = {}
     for s in shards.SPLITS:
         for p in shards.shard_paths(full, s):
-            ref.update({(s, n): b for n, b in shards.iter_tar_members(p)})
+            ref.update({(s, r["__key__"]): r["bin"] for r in shards.iter_samples(p)})
     assert got == ref
     fm = shards.read_manifest(full)
     assert m["splits"]["train"]["samples"] == fm["splits"]["train"]["samples"]
@@ -356,13 +358,13 @@ def test_slices_merge_to_exactly_the_slice_examples(tmp_path, data_corpus, data_
     assert not os.path.exists(os.path.join(parts[0], "manifest.json"))  # moved parts are not complete
 
 
-def test_merge_cli(tmp_path, data_corpus, data_tokenizer, data_build_kw, capsys):
+def test_merge_cli(tmp_path, data_corpus, data_tokenizer, data_build_settings, capsys):
     from data.build import main as build_main
 
-    kw = dict(data_build_kw, dupe_factor=1)
+    kw = dataclasses.replace(data_build_settings, dupe_factor=1)
     for i in range(2):
-        build([data_corpus], data_tokenizer, str(tmp_path / f"p{i}"), workers=1, num_slices=2,
-              slice_index=i, **kw)
+        build([data_corpus], data_tokenizer, str(tmp_path / f"p{i}"),
+              dataclasses.replace(kw, num_slices=2, slice_index=i), workers=1, progress=False)
     assert build_main(["merge", str(tmp_path / "m"), str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
     assert shards.read_manifest(str(tmp_path / "m"))["settings"]["merged_slices"] == 2
     assert build_main(["merge", str(tmp_path / "m2"), str(tmp_path / "nope")]) == 2

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import shards
-from data.build import build
+from data.build import BuildSettings, ShardWriter, build
 from data.build import main as build_main
 from data.corpus import CorpusOptions, iter_documents, python_docs_corpus
 from data.errors import DataError
@@ -30,10 +30,9 @@ WIKI = [
 
 
 def _kw(**over):
-    kw = dict(dupe_factor=2, valid_fraction=0.0, shard_size=500, block_docs=50, seed=1, progress=False,
-              workers=1)
-    kw.update(over)
-    return kw
+    """build()'s arguments after the output folder: small settings, one worker, no progress bar."""
+    return {"settings": BuildSettings(**{**dict(dupe_factor=2, valid_fraction=0.0, shard_size=500, block_docs=50,
+                                                seed=1), **over}), "workers": 1, "progress": False}
 
 
 def _write_jsonl(path, rows):
@@ -198,18 +197,27 @@ def _complete_tar(path):
         return len(tf.getmembers())
 
 
-def test_interrupted_build_leaves_nothing_complete_and_rerun_restarts(tmp_path, data_corpus,
-                                                                      data_tokenizer, data_build_kw,
-                                                                      data_built):
+def test_interrupted_build_leaves_nothing_complete_and_rerun_restarts(tmp_path, data_corpus, data_tokenizer,
+                                                                      data_build_settings, data_built, monkeypatch):
     out = tmp_path / "crash"
+    real_close, closed = ShardWriter.close_shard, []
+
+    def close_then_crash(self):  # the build dies right after its second shard is complete
+        real_close(self)
+        closed.append(self.split)
+        if len(closed) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ShardWriter, "close_shard", close_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build([data_corpus], data_tokenizer, str(out), workers=1, _crash_after_shards=2, **data_build_kw)
+        build([data_corpus], data_tokenizer, str(out), data_build_settings, workers=1, progress=False)
+    monkeypatch.undo()
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tmp"))
     assert len(list(out.glob("*.tar"))) == 2 and all(_complete_tar(p) == 1500 for p in out.glob("*.tar"))
     with pytest.raises(DataError, match="manifest.json: manifest not found"):
         shards.read_manifest(str(out))
-    build([data_corpus], data_tokenizer, str(out), workers=1, **data_build_kw)
+    build([data_corpus], data_tokenizer, str(out), data_build_settings, workers=1, progress=False)
     ref = {f: open(os.path.join(data_built, f), "rb").read() for f in os.listdir(data_built)
            if f.endswith((".tar", ".json"))}
     got = {f: open(out / f, "rb").read() for f in os.listdir(out) if f.endswith((".tar", ".json"))}

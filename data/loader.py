@@ -21,22 +21,31 @@ Exact resume: the main-process iterator counts batches as it yields them (not wh
 ``g0``. Skipping is arithmetic: workers never open a block that holds none of their positions, and inside a
 block only the needed samples' bytes are kept.
 
+Reading: a worker reads each shard of a block it needs with webdataset's tar iteration
+(``data.shards.iter_samples``) and keeps the record bytes of its own samples only, in one blob. Sample ``k`` of
+a shard is the ``k``-th sample the archive yields, so damage stays inside its shard: a missing, zero-byte,
+truncated or garbled shard loses its own samples from the damage on, and every other shard decodes as if
+nothing happened (the positions come from the manifest's counts, not from the bytes).
+
 Corrupt data: a sample whose bytes fail ``decode_sample`` (or the checks below), or that is missing because
-its shard is unreadable or truncated, is dropped from its batch (the batch is one row shorter), logged with
-shard and key, and counted; the stream stays deterministic because the failure is a property of the bytes.
-Counts ride inside each batch to the main process (``.stats``); past ``max_bad_samples`` the iterator raises
-``DataCorruptionError``.
+its shard is damaged, is dropped from its batch (the batch is one row shorter) and counted; the stream stays
+deterministic because the failure is a property of the bytes. What a worker found rides inside the batch to
+the main process, which logs each damaged shard once and each corrupt sample (``.stats``); past
+``max_bad_samples`` the iterator raises ``DataCorruptionError``.
+
+Workers start from a fork server (``multiprocessing_context="forkserver"``): a worker forked from the
+training process itself, once it runs threads (queue feeders, TensorBoard's writer), can block forever in
+CPython's after-fork hook on a lock another thread held (docs/loader.md has the measurements). Every wait
+for a worker is bounded (``timeout_s``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
+import multiprocessing
 import os
 import signal
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,8 +53,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import decode_sample, read_manifest, shard_paths
-from trainer import masking
+from data import masking
+from data.errors import DataError
+from data.shards import ShardScan, decode_sample, iter_samples, read_manifest, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -53,123 +63,43 @@ STATE_VERSION = 1
 # Tensors a model forward takes; everything else in a batch (keys, is_padding) is bookkeeping.
 MODEL_INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
                     "masked_lm_weights", "next_sentence_label")
-_PAD_MULTIPLE = 8  # tensor-core / vector friendly sequence length
+PAD_MULTIPLE = 8  # tensor-core / vector friendly sequence length
+WORKER_TIMEOUT_S = 600.0  # longest wait for one batch from a worker (a block read from slow storage included)
+_POLL_S = 5.0  # torch checks that the workers are alive each time a wait of this length ends empty
+
+
+def padded_length(longest: int, max_len: int | None = None) -> int:
+    """Round a batch's longest sequence up to a multiple of 8, never past ``max_len`` (125 -> 128;
+    with max 100: 97 -> 100)."""
+    r = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    return r if max_len is None else min(r, max(longest, max_len))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers ignore the stop signals: Slurm and the deepspeed launcher signal a rank's whole process tree,
-    and torch's worker SIGTERM handler would kill the worker mid-step, crashing the rank before it can save.
-    The rank decides when to stop; its workers end with it (torch's watchdog exits them when the parent goes)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """Workers ignore the stop signals: Slurm, the deepspeed launcher and a terminal's Ctrl-C signal a rank's
+    whole process group, and torch's worker handlers would end the worker mid-step, crashing the rank before
+    it can save. The rank decides when to stop; its workers end with it (torch's watchdog exits them)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
-class DataCorruptionError(RuntimeError):
+def worker_context():
+    """Start method of the DataLoader workers: a fork server where there is one (Linux, macOS), preloading
+    this module so that a worker starts in milliseconds; else the platform default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data.loader"])  # only takes effect before the server's first start
+    return ctx
+
+
+class DataCorruptionError(DataError):
     """More corrupt/missing samples than ``max_bad_samples``: the data, not the run, needs fixing."""
 
 
 def model_inputs(batch: dict) -> dict:
     """The tensors of a batch that ``engine(**...)`` accepts (drops ``keys``/``is_padding``)."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tar index (WebDataset layout: consecutive members sharing a basename form one sample)
-# ---------------------------------------------------------------------------------------------------
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 size for members >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def _iter_members(buf: bytes, start: int, end: int, check: bool) -> Iterator[tuple[int, str, int, int, int]]:
-    """(member_start, name, data_start, size, next) of regular files in ``buf[start:end]``.
-
-    ``member_start`` includes preceding GNU long-name / pax headers. Raises ValueError at the first
-    corrupt or truncated header (``check`` also verifies header checksums: done once when indexing).
-    """
-    pos, pending, mstart = start, None, start
-    while pos + 512 <= end:
-        hdr = buf[pos:pos + 512]
-        if hdr[0] == 0 and hdr.count(0) == 512:
-            return  # end-of-archive marker
-        if check:
-            stored = _octal(hdr[148:156])
-            if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # 256 = the checksum field as 8 spaces
-                raise ValueError(f"bad tar header checksum at byte {pos}")
-        size = _octal(hdr[124:136])
-        dstart = pos + 512
-        nxt = dstart + size + (-size) % 512
-        if dstart + size > end:
-            raise ValueError(f"tar member at byte {pos} truncated ({size} bytes declared, {end - dstart} left)")
-        kind = hdr[156:157]
-        if kind == b"L":  # GNU long name for the next member
-            pending = buf[dstart:dstart + size].split(b"\0", 1)[0].decode("utf-8")
-        elif kind == b"x":  # pax extended header: only "path" matters here
-            for rec in buf[dstart:dstart + size].split(b"\n"):
-                if b" path=" in rec:
-                    pending = rec.split(b" path=", 1)[1].decode("utf-8")
-        elif kind == b"g":
-            mstart = nxt
-        else:
-            if pending is not None:
-                name = pending
-            else:
-                name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
-                if hdr[257:263] == b"ustar\0":
-                    prefix = hdr[345:500].split(b"\0", 1)[0]
-                    if prefix:
-                        name = prefix.decode("utf-8") + "/" + name
-            pending = None
-            if kind in (b"0", b"\0", b"7"):
-                yield mstart, name, dstart, size, nxt
-            mstart = nxt
-        pos = nxt
-    if check:  # a complete archive ends with zero blocks; running out of bytes first means it was cut
-        raise ValueError(f"archive ends at byte {end} without the end-of-archive marker (truncated)")
-
-
-def _split_name(name: str) -> tuple[str | None, str]:
-    """WebDataset's base_plus_ext: key = path up to the first dot of the basename, ext = the rest."""
-    d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None, ""
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-def _index_tar(buf: bytes) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Byte ranges (starts, ends) of the samples of a tar image, and the error that stopped parsing."""
-    starts: list[int] = []
-    ends: list[int] = []
-    cur = None
-    err = None
-    try:
-        for mstart, name, _, _, nxt in _iter_members(buf, 0, len(buf), check=True):
-            key, _ = _split_name(name)
-            if key is None:
-                continue
-            if key != cur:
-                starts.append(mstart)
-                ends.append(nxt)
-                cur = key
-            else:
-                ends[-1] = nxt
-    except (ValueError, UnicodeDecodeError) as e:
-        err = str(e)
-    return np.asarray(starts, np.int64), np.asarray(ends, np.int64), err
-
-
-def _raw_sample(buf: bytes, start: int, end: int) -> dict:
-    """Raw WebDataset sample (``__key__`` + bytes per extension) from one sample's tar byte range."""
-    raw: dict[str, Any] = {}
-    for _, name, dstart, size, _ in _iter_members(buf, start, end, check=False):
-        key, ext = _split_name(name)
-        if key is None:
-            continue
-        raw.setdefault("__key__", key)
-        raw[ext] = buf[dstart:dstart + size]
-    return raw
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -228,7 +158,7 @@ class _Plan:
 
 
 class _Block:
-    """Raw bytes of the samples one worker needs from one shuffle block, plus bookkeeping."""
+    """Record bytes of the samples one worker needs from one shuffle block, plus what reading found."""
 
     def __init__(self, plan: _Plan, epoch: int, b: int, need_pos: np.ndarray):
         order, block_starts, cum = plan.layout(epoch)
@@ -240,41 +170,34 @@ class _Block:
         last = int(np.searchsorted(cum, self.start + size))
         self.shards = order[first:last]
         self.shard_start = cum[first:last + 1] - self.start  # (k+1,)
-        self.off = np.full(size, -1, np.int64)  # sample-in-block -> offset in blob (-1 = missing)
-        self.len = np.zeros(size, np.int64)
-        self.bad_shards: list[str] = []
+        # sample-in-block -> [start, end) of its record in `blob` and of its key in `keys`; -1 = missing
+        self.rec = np.full((size, 2), -1, np.int64)
+        self.key = np.full((size, 2), -1, np.int64)
+        self.damaged: list[tuple[str, str]] = []  # (shard name, what is wrong) found by this worker
         need = np.zeros(size, bool)
         need[self.perm[need_pos - self.start]] = True
-        pieces, total = [], 0
+        recs, keys, n_rec, n_key = [], [], 0, 0
         for i, s in enumerate(self.shards):
             lo, hi = int(self.shard_start[i]), int(self.shard_start[i + 1])
-            want = np.flatnonzero(need[lo:hi])  # in-shard indices this worker will emit
-            if len(want) == 0:
+            if not need[lo:hi].any():
                 continue
-            name = plan.names[s]
-            try:
-                with open(plan.paths[s], "rb") as f:
-                    buf = f.read()
-            except OSError as e:
-                self._bad(name, f"unreadable ({e.strerror or e}); its {hi - lo} samples are skipped")
-                continue
-            starts, ends, err = _index_tar(buf)
-            if err is not None or len(starts) != hi - lo:
-                why = f"{err}; " if err else ""
-                self._bad(name, f"{why}{len(starts)} samples found, manifest says {hi - lo}"
-                                f"{'; the missing ones are skipped' if len(starts) < hi - lo else ''}")
-            for k in want[want < len(starts)]:
-                a, z = int(starts[k]), int(ends[k])
-                self.off[lo + k] = total
-                self.len[lo + k] = z - a
-                pieces.append(buf[a:z])
-                total += z - a
-            del buf
-        self.blob = b"".join(pieces)  # one bytes object: no per-sample Python objects kept
-
-    def _bad(self, name: str, why: str) -> None:
-        log.warning("shard %s: %s", name, why)
-        self.bad_shards.append(name)
+            scan = ShardScan(plan.paths[s])
+            for k, raw in enumerate(iter_samples(plan.paths[s], scan)):
+                if k >= hi - lo or not need[lo + k]:
+                    continue  # more samples than the manifest says are reported below, never used
+                rec = raw.get("bin", b"")
+                key = raw["__key__"].encode("utf-8")
+                self.rec[lo + k] = (n_rec, n_rec + len(rec))  # offsets from the bytes actually kept
+                self.key[lo + k] = (n_key, n_key + len(key))
+                recs.append(rec)
+                keys.append(key)
+                n_rec += len(rec)
+                n_key += len(key)
+            problem = scan.describe(hi - lo)
+            if problem:
+                self.damaged.append((plan.names[s], problem))
+        self.blob = b"".join(recs)  # two bytes objects: no per-sample Python objects kept
+        self.keys = b"".join(keys)
 
     def shard_name(self, plan: _Plan, sample: int) -> str:
         i = int(np.searchsorted(self.shard_start, sample, side="right")) - 1
@@ -306,18 +229,20 @@ class _Stream(IterableDataset):
             bidx = np.searchsorted(block_starts, pos, side="right") - 1  # (n,)
             for key in [k for k in blocks if k < (epoch, int(bidx[0]))]:
                 del blocks[key]  # never revisited: positions only grow
-            new_bad: list[str] = []
-            rows, bad = [], 0
+            new_bad: list[tuple[str, str]] = []
+            rows, bad, notes = [], 0, []
             for p, b in zip(pos.tolist(), bidx.tolist()):
                 blk = blocks.get((epoch, b))
                 if blk is None:
                     blk = _Block(plan, epoch, b, self._needed(epoch, b, w, nw))
                     blocks[(epoch, b)] = blk
-                    new_bad += blk.bad_shards
+                    new_bad += blk.damaged
                 sample = int(blk.perm[p - blk.start])
                 d = self._decode(blk, sample, epoch)
-                if d is None:
+                if isinstance(d, str):
                     bad += 1
+                    if d:
+                        notes.append(d)
                 else:
                     rows.append(d)
             if not rows:
@@ -333,6 +258,7 @@ class _Stream(IterableDataset):
             batch["_g"] = g
             batch["_bad_samples"] = bad
             batch["_bad_shards"] = new_bad
+            batch["_notes"] = notes
             yield batch
             g += nw
 
@@ -345,33 +271,28 @@ class _Stream(IterableDataset):
         gg = (q // plan.world) // plan.B + (epoch * plan.T if plan.loop else 0)
         return q[(gg >= self.g0) & ((gg - self.g0) % nw == w)]
 
-    def _decode(self, blk: _Block, sample: int, epoch: int) -> dict | None:
+    def _decode(self, blk: _Block, sample: int, epoch: int) -> dict | str:
+        """The decoded sample, or why not: "" when its shard lost it (reported once per shard), else a line."""
         plan, s = self.plan, self.s
-        if blk.off[sample] < 0:
-            return None  # missing from its shard: reported once per shard when the block was loaded
-        a = int(blk.off[sample])
-        raw = None
+        (a, z), (ka, kz) = blk.rec[sample], blk.key[sample]
+        if a < 0:
+            return ""
+        key = blk.keys[ka:kz].decode("utf-8")
         try:
-            raw = _raw_sample(blk.blob, a, a + int(blk.len[sample]))
-            d = decode_sample(raw)
+            d = decode_sample({"__key__": key, "bin": blk.blob[a:z]})
             n = len(d["input_ids"])
             npred = len(d["masked_lm_positions"])
             if n > s["max_seq_len"]:
                 raise ValueError(f"{n} tokens > max_seq_len {s['max_seq_len']}")
-            if len(d["segment_ids"]) != n or len(d["masked_lm_ids"]) != npred:
-                raise ValueError("field lengths disagree")
+            if npred and d["masked_lm_positions"].max() >= n:
+                raise ValueError("masked position outside the sequence")
             if npred > s["max_predictions"]:
                 raise ValueError(f"{npred} predictions > max_predictions {s['max_predictions']}")
-            if npred and (d["masked_lm_positions"].min() < 0 or d["masked_lm_positions"].max() >= n):
-                raise ValueError("masked position outside the sequence")
             ids = d["input_ids"]
             if n and (ids.min() < 0 or ids.max() >= s["vocab_size"]):
                 raise ValueError(f"token id outside [0, {s['vocab_size']})")
-        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample, counted + logged
-            key = raw.get("__key__", "?") if isinstance(raw, dict) else "?"
-            log.warning("shard %s: corrupt sample %r skipped: %s: %s", blk.shard_name(plan, sample), key,
-                        type(e).__name__, e)
-            return None
+        except ValueError as e:  # decode_sample and the checks above: the bytes are not a valid record
+            return f"shard {blk.shard_name(plan, sample)}: corrupt sample {key!r} skipped: {e}"
         if s["dynamic_masking"]:
             tokens = masking.restore_original(d["input_ids"], d["masked_lm_positions"], d["masked_lm_ids"])
             rng = masking.sample_rng(plan.seed, epoch, d["__key__"])
@@ -380,15 +301,10 @@ class _Stream(IterableDataset):
                 vocab_size=s["vocab_size"], cls_id=s["cls_id"], sep_id=s["sep_id"], mask_id=s["mask_id"])
         return d
 
-    def _seq_len(self, longest: int) -> int:
-        # round up to a multiple of 8, but never past max_seq_len (e.g. 125 -> 128; with max 100: 97 -> 100)
-        r = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
-        return min(r, max(longest, self.s["max_seq_len"]))
-
     def _collate(self, rows: list[dict]) -> dict:
         s = self.s
         B, P = len(rows), s["max_predictions"]
-        S = self._seq_len(max(len(d["input_ids"]) for d in rows))
+        S = padded_length(max(len(d["input_ids"]) for d in rows), s["max_seq_len"])
         ids = np.full((B, S), s["pad_id"], np.int64)  # (B, S)
         tt = np.zeros((B, S), np.int64)  # (B, S)
         am = np.zeros((B, S), np.int64)  # (B, S)
@@ -421,7 +337,7 @@ class _Stream(IterableDataset):
         batch = self._collate([row])
         batch["keys"] = []
         batch["is_padding"] = True
-        batch.update({"_g": g, "_bad_samples": 0, "_bad_shards": []})
+        batch.update({"_g": g, "_bad_samples": 0, "_bad_shards": [], "_notes": []})
         return batch
 
 
@@ -449,12 +365,13 @@ class PretrainLoader:
         block_shards: shards per shuffle block (the shuffle window; a worker keeps <= 2 blocks' worth of
             its own samples' bytes).
         prefetch_factor: batches each worker prepares ahead (DataLoader's).
+        timeout_s: longest wait for a worker's next batch before the iterator raises (never waits forever).
     """
 
     def __init__(self, shard_dir: str | os.PathLike, split: str, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 1, shuffle: bool = True,
-                 loop: bool = True, dynamic_masking: bool = False, max_bad_samples: int = 1000,
-                 block_shards: int = 4, prefetch_factor: int = 2):
+                 loop: bool = True, dynamic_masking: bool = False, max_bad_samples: int = 100,
+                 block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S):
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= rank < world_size:
@@ -472,7 +389,7 @@ class PretrainLoader:
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.num_workers, self.shuffle, self.loop = seed, num_workers, shuffle, loop
         self.dynamic_masking, self.max_bad_samples, self.block_shards = dynamic_masking, max_bad_samples, block_shards
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.timeout_s = prefetch_factor, timeout_s
         self._plan = _Plan(names=names, paths=paths, counts=counts, rank=rank, world_size=world_size,
                            micro_batch=micro_batch, seed=seed, shuffle=shuffle, loop=loop, block_shards=block_shards)
         if self._plan.T == 0:
@@ -519,10 +436,37 @@ class PretrainLoader:
         if self.num_workers == 0:
             source: Any = iter(stream)
         else:
+                # Own generator: starting workers draws their base seed from it, not from the global RNG, so
+            # creating an iterator never shifts the dropout stream (resume restores it in any order).
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                      persistent_workers=False, prefetch_factor=self.prefetch_factor,
-                                     collate_fn=_identity, worker_init_fn=_ignore_stop_signals))
+                                     collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                                     multiprocessing_context=worker_context(), timeout=_POLL_S,
+                                     generator=torch.Generator().manual_seed(self.seed)))
+            source = self._bounded(source)
         return self._consume(source)
+
+    def _bounded(self, source: Iterator[dict]) -> Iterator[dict]:
+        """Batches of the DataLoader, waiting at most ``timeout_s`` for each. The DataLoader's own timeout is
+        _POLL_S, so a dead worker is reported within seconds (torch checks liveness when a wait ends empty);
+        a short wait ending is retried (its iterator state is unchanged) until the bound."""
+        waited = 0.0
+        while True:
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+                waited += _POLL_S
+                if waited >= self.timeout_s:
+                    raise DataError(f"{self.shard_dir} split {self.split!r}: no batch from the DataLoader workers of "
+                                    f"rank {self.rank} for {waited:.0f}s (a worker hangs or the storage stalls); "
+                                    f"the bound is data loader timeout_s={self.timeout_s:g}") from None
+                continue
+            waited = 0.0
+            yield batch
 
     def _consume(self, source: Iterator[dict]) -> Iterator[dict]:
         for batch in source:
@@ -530,7 +474,12 @@ class PretrainLoader:
             if g != self._next_g:
                 raise RuntimeError(f"loader order broken: got batch {g}, expected {self._next_g}")
             self._bad_samples += int(batch.pop("_bad_samples"))
-            self._bad_shard_names.update(batch.pop("_bad_shards"))
+            for name, problem in batch.pop("_bad_shards"):
+                if name not in self._bad_shard_names:  # every worker reading it finds it: say it once
+                    log.warning("shard %s: %s; its missing samples are skipped", name, problem)
+                    self._bad_shard_names.add(name)
+            for note in batch.pop("_notes"):
+                log.warning("%s", note)
             self._next_g = g + 1
             for k in MODEL_INPUT_KEYS:
                 batch[k] = torch.from_numpy(batch[k])
@@ -586,33 +535,3 @@ class PretrainLoader:
         self._resume_pending = True
         self._bad_samples = int(sd.get("bad_samples", 0))
         self._bad_shard_names = set(sd.get("bad_shard_names", []))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Benchmark: python -m trainer.loader SHARD_DIR
-# ---------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Measure loader throughput (samples/s) on real shards.")
-    ap.add_argument("shard_dir")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--micro-batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=300)
-    ap.add_argument("--num-workers", type=int, default=0, help="0 = decode+collate in this one process")
-    ap.add_argument("--dynamic-masking", action="store_true")
-    a = ap.parse_args(argv)
-    loader = PretrainLoader(a.shard_dir, a.split, a.micro_batch, num_workers=a.num_workers,
-                            dynamic_masking=a.dynamic_masking)
-    # timed from the start: includes reading + indexing the tar blocks (and worker start-up if any)
-    t0, n, tokens = time.perf_counter(), 0, 0
-    for _, batch in zip(range(a.batches), loader):
-        n += len(batch["keys"])
-        tokens += int(batch["attention_mask"].sum())
-    dt = time.perf_counter() - t0
-    print(f"{n} samples ({tokens} tokens) in {dt:.2f} s: {n / dt:,.0f} samples/s, {tokens / dt:,.0f} tokens/s "
-          f"(num_workers={a.num_workers}, micro_batch={a.micro_batch}, dynamic_masking={a.dynamic_masking}); "
-          f"stats {loader.stats}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

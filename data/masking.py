@@ -5,9 +5,7 @@ The shards store examples with a mask already applied (``input_ids`` carries [MA
 back, then draws a fresh set of positions:
 
 - candidates: every position except [CLS] and [SEP] (padding is never present: samples are unpadded);
-- ``num_to_predict = min(max_predictions, max(1, round(len(tokens) * masked_lm_prob)))`` where ``len`` counts
-  the specials, so 128 tokens -> round(19.2) = 19, 512 -> round(76.8) = 77 (Python's round is half-to-even,
-  as in Google's Python 2/3 code);
+- as many as ``data.pretraining.num_to_predict`` gives (128 tokens -> 19, 512 -> 77);
 - each chosen position: 80% -> [MASK], 10% -> keep the original, 10% -> a uniformly random id of the
   vocabulary (Google draws from the whole vocabulary, specials included);
 - output positions sorted ascending with their original ids.
@@ -22,6 +20,8 @@ import hashlib
 
 import numpy as np
 
+from data.pretraining import num_to_predict
+
 
 def restore_original(input_ids: np.ndarray, positions: np.ndarray, original_ids: np.ndarray) -> np.ndarray:
     """Copy of ``input_ids`` with the stored originals written back at the masked positions."""
@@ -34,10 +34,6 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Generator for one sample: a stable 64-bit hash of the key (not Python's salted ``hash``)."""
     h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), h & 0xFFFFFFFF, h >> 32, 0x6D61736B])
-
-
-def num_to_predict(length: int, max_predictions: int, masked_lm_prob: float) -> int:
-    return min(max_predictions, max(1, int(round(length * masked_lm_prob))))
 
 
 def remask(tokens: np.ndarray, rng: np.random.Generator, *, max_predictions: int, masked_lm_prob: float,
