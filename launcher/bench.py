@@ -1,11 +1,10 @@
-"""Benchmarks (print a table, write JSON): python launcher/bench.py {train,peak,loader,build,memory} --help"""
+"""Benchmarks (print a table, write JSON): python launcher/bench.py {train,peak,loader,build,memory,project} --help"""
 
 import sys
 
-from trainer import malloc
+from trainer import launch
 
 if __name__ == "__main__":
-    malloc.preload_tcmalloc()  # CPU hosts: as the training launchers run, see trainer/malloc.py
-    from trainer.bench import main
+    from benchmarks.harness import main
 
-    sys.exit(main())
+    sys.exit(launch.main(main))

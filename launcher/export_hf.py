@@ -15,15 +15,13 @@ consolidated model's on a probe batch, so a broken export fails here rather than
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
-from data.errors import DataError, run_main
-from trainer.run_dir import HF_FINGERPRINT_FIELD, RunDirError, load_run
+from trainer import launch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,19 +30,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     return p.parse_args(argv)
-
-
-def record_fingerprint(out_dir: str, fingerprint: str) -> None:
-    """Add `bert_fingerprint` to tokenizer_config.json (transformers ignores unknown fields there)."""
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg[HF_FINGERPRINT_FIELD] = fingerprint
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -67,16 +52,17 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     t0 = time.time()
     from bert.hf import to_hf
+    from trainer.checkpoint import load_run
+    from trainer.errors import CheckpointError
 
     model, tokenizer, meta = load_run(a.checkpoint, a.tag)
     try:
-        to_hf(model, a.out, tokenizer_dir=meta.tokenizer_dir)
+        to_hf(model, a.out, tokenizer_dir=meta.tokenizer_dir, fingerprint=meta.tokenizer_fingerprint)
     except ValueError as e:
-        raise RunDirError(str(e)) from None
-    record_fingerprint(a.out, meta.tokenizer_fingerprint)
+        raise CheckpointError(str(e)) from None
     diff = verify_roundtrip(model, a.out, tokenizer)
     if diff != 0.0:
-        raise RunDirError(f"{a.out}: exported model read back gives logits differing by {diff:g}")
+        raise CheckpointError(f"{a.out}: exported model read back gives logits differing by {diff:g}")
     files = sorted(os.listdir(a.out))
     print(f"exported {meta.checkpoint_dir} (step {meta.step}, weights: {meta.consolidation}) -> {a.out} "
           f"[{', '.join(files)}]; tokenizer {meta.tokenizer_fingerprint}; read-back logits identical; "
@@ -85,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, errors=(RunDirError, DataError)))
+    sys.exit(launch.main(main))

@@ -17,7 +17,7 @@ if a().device_name() == 'cpu':  # on CUDA, FusedAdam is built on first use by th
     | grep -v -e '^\[' -e 'WARNING' || true
 # CPU training runs on tcmalloc when it is installed (trainer/malloc.py: DeepSpeed's step on glibc's malloc took
 # 45-77% longer, re-faulting its per-step buffers). Installed here when we may; otherwise a note says how.
-if ! .venv/bin/python -c "import sys; from trainer.malloc import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
+if ! .venv/bin/python -c "import sys; from trainer.cpu import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } \
             >/dev/null 2>&1 || echo "setup: apt-get could not install libtcmalloc-minimal4; CPU runs use glibc's malloc (slower)"
@@ -26,6 +26,6 @@ if ! .venv/bin/python -c "import sys; from trainer.malloc import find_tcmalloc; 
              "'sudo apt-get install libtcmalloc-minimal4' or 'conda install -c conda-forge gperftools'"
     fi
 fi
-ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.malloc import find_tcmalloc as f
+ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.cpu import find_tcmalloc as f
 print("torch", v("torch"), "deepspeed", v("deepspeed"), "- CPU host allocator:", "tcmalloc" if f() else "glibc")')
 echo "setup: .venv ready ($ready)"

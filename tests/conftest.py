@@ -1,16 +1,35 @@
-"""Shared fixtures. data/ tests: fixtures prefixed ``data_`` (session-scoped, built once)."""
+"""Shared fixtures. data/ tests: fixtures prefixed ``data_`` (session-scoped, built once). Processes that
+tests start go through ``procs`` (helpers.Procs): on a timeout or at the end of the test, their whole process
+groups are killed and the test fails with the tail of each log."""
 
 import os
 
 import pytest
 
+from data.build import BuildSettings
+from helpers import Procs
 from trainer.dist import pin_extensions_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pin_extensions_dir()  # DeepSpeed's JIT ops live in this venv, as for every launcher; subprocesses inherit it
 
-DATA_BUILD_KW = dict(max_seq_len=128, max_predictions=20, dupe_factor=3, valid_fraction=0.05,
-                     shard_size=1500, block_docs=200, seed=7, progress=False)
+DATA_BUILD = BuildSettings(max_seq_len=128, max_predictions=20, dupe_factor=3, valid_fraction=0.05,
+                           shard_size=1500, block_docs=200, seed=7)
+
+
+@pytest.fixture
+def procs():
+    """Start processes in their own process groups; all are killed when the test ends (helpers.Procs)."""
+    p = Procs()
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture(scope="session")
+def session_procs():
+    p = Procs()
+    yield p
+    p.kill_all()
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +57,8 @@ def data_tokenizer(tmp_path_factory, data_corpus):
 
 
 @pytest.fixture(scope="session")
-def data_build_kw():
-    return dict(DATA_BUILD_KW)
+def data_build_settings():
+    return DATA_BUILD
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +67,7 @@ def data_built(tmp_path_factory, data_corpus, data_tokenizer):
     from data.build import build
 
     out = str(tmp_path_factory.mktemp("data_built") / "shards")
-    build([data_corpus], data_tokenizer, out, workers=1, **DATA_BUILD_KW)
+    build([data_corpus], data_tokenizer, out, DATA_BUILD, workers=1, progress=False)
     return out
 
 
@@ -77,9 +96,9 @@ def _train_build(root, max_docs, seq_len, vocab_size=1000, tok_docs=None, tokeni
         tok_dir = str(root / "tokenizer")
         tok.save(tok_dir)
     out = str(root / "shards")
-    build([corpus], tok_dir, out, workers=1, max_seq_len=seq_len,
-          max_predictions=max(2, seq_len * 15 // 100), dupe_factor=2, valid_fraction=0.1, shard_size=300,
-          block_docs=100, seed=3, progress=False)
+    build([corpus], tok_dir, out, BuildSettings(max_seq_len=seq_len, max_predictions=max(2, seq_len * 15 // 100),
+                                                dupe_factor=2, valid_fraction=0.1, shard_size=300, block_docs=100,
+                                                seed=3), workers=1, progress=False)
     return out
 
 
@@ -111,72 +130,50 @@ def train_shards_other_tok(tmp_path_factory):
 # `deepspeed --num_gpus 2` ZeRO-2 in fp32 (a checkpoint partitioned over 2 ranks), one process ZeRO-3 bf16
 # (parameters partitioned too). 8 steps each (~10-30 s on 2 cores). Validation runs over the
 # whole valid split at the end, so evaluate.py has logged numbers to match.
-def _eval_pretrain(tmp, shards, out, world, fp16, ds_name="zero2.json", stage=None):
-    import json
-    import socket
-    import subprocess
+def _eval_pretrain(procs, tmp, shards, out, world, fp16, ds_name="zero2.json", stage=None):
     import sys
     from pathlib import Path
 
-    import yaml
+    from helpers import REPO, base_env, write_ds, write_run
+    from trainer.dist import free_port
 
-    repo = Path(__file__).resolve().parents[1]
-    ds = json.loads((repo / "ds_configs" / ds_name).read_text())
-    ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
-    ds["optimizer"]["params"]["lr"] = 2e-3
-    if not fp16:
-        ds.pop("fp16")
-    if stage is not None:
-        ds["zero_optimization"]["stage"] = stage
-    ds_path, cfg_path = Path(tmp) / "ds.json", Path(tmp) / "run.yaml"
-    ds_path.write_text(json.dumps(ds))
-    cfg_path.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny", "max_position_embeddings": 64},
-        "data": {"train": str(shards), "num_workers": 0},
-        "train": {"output_dir": str(out), "seed": 11, "max_steps": 8, "warmup_steps": 2, "log_every": 4,
-                  "eval_every": 8, "eval_batches": None, "save_every": 8, "peak_tflops": 1.0}}))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    script = [str(repo / "launcher" / "pretrain.py"), "--deepspeed", str(ds_path), "--config", str(cfg_path)]
+    ds = write_ds(tmp, ds_name, micro=8, lr=2e-3, fp16=fp16, stage=stage)
+    cfg = write_run(tmp, shards, out, model={"max_position_embeddings": 64}, data={"num_workers": 0}, seed=11,
+                    max_steps=8, warmup_steps=2, log_every=4, eval_every=8, eval_batches=None, save_every=8)
+    script = [REPO / "launcher" / "pretrain.py", "--deepspeed", ds, "--config", cfg]
     if world == 1:
         cmd = [sys.executable, *script]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port),
-               *script]
-    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        cmd = [Path(sys.executable).parent / "deepspeed", "--num_gpus", world, "--master_port", free_port(), *script]
+    p = procs.run(cmd, Path(tmp) / "launcher", env=base_env(), timeout=400)
     (Path(tmp) / "launcher_stdout.txt").write_text(p.stdout)
     return str(out)
 
 
 @pytest.fixture(scope="session")
-def eval_run(tmp_path_factory, train_shards):
+def eval_run(tmp_path_factory, train_shards, session_procs):
     """Run directory of a 1-process ZeRO-2 bf16 pretraining run (8 steps, checkpoint step_0000008)."""
     tmp = tmp_path_factory.mktemp("eval_run")
-    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True)
+    return _eval_pretrain(session_procs, tmp, train_shards, tmp / "run", world=1, fp16=True)
 
 
 @pytest.fixture(scope="session")
-def eval_run_2rank(tmp_path_factory, train_shards):
+def eval_run_2rank(tmp_path_factory, train_shards, session_procs):
     """Run directory of a 2-rank (`deepspeed --num_gpus 2`) ZeRO-2 fp32 pretraining run."""
     tmp = tmp_path_factory.mktemp("eval_run_2rank")
-    return _eval_pretrain(tmp, train_shards, tmp / "run", world=2, fp16=False)
+    return _eval_pretrain(session_procs, tmp, train_shards, tmp / "run", world=2, fp16=False)
 
 
 @pytest.fixture(scope="session")
-def eval_run_zero3(tmp_path_factory, train_shards):
+def eval_run_zero3(tmp_path_factory, train_shards, session_procs):
     """Run directory of a 1-process ZeRO-3 bf16 pretraining run (parameters partitioned in the checkpoint)."""
     tmp = tmp_path_factory.mktemp("eval_run_zero3")
-    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True, ds_name="zero3.json")
+    return _eval_pretrain(session_procs, tmp, train_shards, tmp / "run", world=1, fp16=True, ds_name="zero3.json")
 
 
 @pytest.fixture(scope="session")
-def eval_run_zero0(tmp_path_factory, train_shards):
+def eval_run_zero0(tmp_path_factory, train_shards, session_procs):
     """Run directory of a 1-process stage-0 bf16 run: no ZeRO files, fp32 masters inside the optimizer state."""
     tmp = tmp_path_factory.mktemp("eval_run_zero0")
-    return _eval_pretrain(tmp, train_shards, tmp / "run", world=1, fp16=True, stage=0)
+    return _eval_pretrain(session_procs, tmp, train_shards, tmp / "run", world=1, fp16=True, stage=0)
 # --- end eval fixtures ---

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from benchmarks import harness as bench
 from bert import BertConfig
-from trainer import bench, malloc
-from trainer import train as T
+from trainer import cpu, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,22 +35,22 @@ def test_synthetic_batch_follows_googles_prediction_count():
 
 def test_train_compares_the_implementations(tmp_path):
     res, stdout = run_bench(["train", "--preset", "tiny", "--seq", "32", "--micro-batch", "2", "--max-pred", "5",
-                             "--dtype", "bf16", "--warmup", "1", "--repeats", "2", "--peak-tflops", "1.0"],
+                             "--warmup", "1", "--repeats", "2", "--peak-tflops", "1.0"],
                             tmp_path, "train")
     names = [r["impl"] for r in res["results"]]
     assert names == ["a: ours+DeepSpeed", "b: ours plain", "c: transformers",
                      "c0: transformers, own process, glibc malloc"]
     # CPU: (a)-(c) run as our launchers run (tcmalloc when installed, else glibc keeping freed memory),
     # (c0) as an untuned process.
-    ours = "tcmalloc" if malloc.find_tcmalloc() else "glibc-keep"
+    ours = "tcmalloc" if cpu.find_tcmalloc() else "glibc-keep"
     assert res["malloc"] == ours
     assert [r["malloc"] for r in res["results"]] == [ours, ours, ours, "glibc-default"]
     assert all(r["faults_per_step"] >= 0 for r in res["results"])
     counts = res["counts"]
     assert counts == {"tokens": 64.0, "predictions": 10.0, "sequences": 2.0, "seq_len": 32}
     cfg = BertConfig.preset("tiny")
-    fc = T.flop_counts(bench._meta_model(cfg))
-    assert res["flops_per_step"] == pytest.approx(T.step_flops(fc, 64, 10, 2, 32))
+    fc = metrics.flop_counts(bench._meta_model(cfg))
+    assert res["flops_per_step"] == pytest.approx(metrics.step_flops(fc, 64, 10, 2, 32))
     for r in res["results"]:
         assert len(r["times"]) == 2 and r["step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(64 / r["step_s"])
@@ -63,8 +63,9 @@ def test_train_compares_the_implementations(tmp_path):
 
 
 def test_peak_loader_and_build(tmp_path, train_shards):
-    res, _ = run_bench(["peak", "--dtypes", "fp32,bf16", "--n", "256", "--seconds", "0.2"], tmp_path, "peak")
+    res, out = run_bench(["peak", "--dtypes", "fp32,bf16,fp16", "--seconds", "0.2"], tmp_path, "peak")
     assert set(res["peak_tflops"]) == {"fp32", "bf16"} and all(v > 0 for v in res["peak_tflops"].values())
+    assert "fp16 skipped (cpu has no fast fp16" in out
     res, _ = run_bench(["loader", "--data", train_shards, "--micro-batch", "8", "--workers", "0,1", "--batches", "5"],
                        tmp_path, "loader")
     assert [r["workers"] for r in res["results"]] == [0, 1]

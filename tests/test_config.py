@@ -74,7 +74,7 @@ def test_warmup_resolution(tmp_path):
 def test_float_fields_accept_ints_and_round_trip(tmp_path):
     cfg = config.load(write(tmp_path, "data: {train: s}\ntrain: {warmup_fraction: 0, peak_tflops: 100}\n"))
     assert isinstance(cfg.train.warmup_fraction, float) and cfg.train.peak_tflops == 100.0
-    again = config.from_dict(cfg.to_dict())
+    again = config.build(config.RunConfig, cfg.to_dict())
     assert again == cfg
 
 
@@ -86,11 +86,51 @@ def test_model_config_takes_vocab_from_shards_unless_fixed(tmp_path):
     assert cfg.bert_config(vocab_size=1234).vocab_size == 99  # then the shard check refuses the mismatch
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+PRETRAIN_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if "finetune" not in p)
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS)
 def test_shipped_configs_load(path):
     cfg = config.load(path)
     cfg.bert_config(vocab_size=30522)
     assert cfg.train.max_steps > config.warmup_steps(cfg.train)
+
+
+def test_finetune_config_and_its_flags_are_one_style(tmp_path):
+    """launcher/finetune.py's flags are overrides of FinetuneConfig keys; --lr overrides the DeepSpeed JSON."""
+    from launcher.finetune import build_parser, overrides_of
+
+    cfg = config.load(os.path.join(REPO, "configs", "finetune.yaml"), cls=config.FinetuneConfig)
+    assert cfg.train.sweep_lrs == config.SWEEP_LRS and cfg.task.name == "sst2" and cfg.model.dropout == 0.1
+    a = build_parser().parse_intermixed_args(["--deepspeed", "f.json", "--model", "run", "--train", "t.csv", "--dev",
+                                              "d.csv", "--epochs", "2", "--lr", "1e-3", "--export-hf", "--out", "o",
+                                              "task.max_len=64"])
+    ov = overrides_of(a)
+    assert "ds.optimizer.params.lr=1e-3" in ov and ov[-1] == "task.max_len=64"
+    got = config.load(None, [o for o in ov if not o.startswith("ds.")], config.FinetuneConfig)
+    assert (got.model.path, got.task.train, got.task.dev, got.train.epochs, got.train.export_hf,
+            got.task.max_len, got.train.out) == ("run", "t.csv", "d.csv", 2, True, 64, "o")
+    assert got.train.sweep_lrs == []  # one run at the JSON's (overridden) lr
+    sweep = overrides_of(build_parser().parse_intermixed_args(["--deepspeed", "f", "--sweep"]))
+    assert config.load(None, ["model.path=m", "train.out=o", "task.name=sst2", *sweep],
+                       config.FinetuneConfig).train.sweep_lrs == config.SWEEP_LRS
+    for bad, fragment in ((["train.out=o", "task.name=x"], "model.path is required"),
+                          (["model.path=m", "train.out=o"], "exactly one of task.name"),
+                          (["model.path=m", "train.out=o", "task.train=t"], "needs task.dev"),
+                          (["model.path=m", "train.out=o", "task.name=x", "train.lr=1"], "unknown config key 'train.lr'")):
+        with pytest.raises(ConfigError, match=fragment):
+            config.load(None, bad, config.FinetuneConfig)
+
+
+def test_eval_config_and_its_flags():
+    from launcher.evaluate import FLAGS, build_parser
+
+    a = build_parser().parse_intermixed_args(["--checkpoint", "r", "--data", "s", "--ranks", "2", "eval.split=train"])
+    ov = [f"eval.{f}={getattr(a, f)}" for f in FLAGS if getattr(a, f) is not None] + a.overrides
+    e = config.load(None, ov, config.EvalConfig).eval
+    assert (e.checkpoint, e.data, e.ranks, e.split, e.micro_batch) == ("r", "s", 2, "train", None)
+    with pytest.raises(ConfigError, match="eval.dtype"):
+        config.load(None, ["eval.checkpoint=r", "eval.data=s", "eval.dtype=int8"], config.EvalConfig)
 
 
 def test_shipped_config_set_is_complete():

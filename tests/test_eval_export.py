@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from data.tokenizer import load_tokenizer
-from trainer.run_dir import RunDirError, _check_against_module, load_run, read_model_states
+from trainer.checkpoint import _check_against_module, load_run, read_model_states
+from trainer.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = str(REPO / "launcher" / "evaluate.py")
@@ -93,12 +94,12 @@ def test_evaluate_refuses_other_tokenizer_and_sequence_length(eval_run, train_sh
     assert "tokenizer mismatch" in p.stderr and mine in p.stderr and other in p.stderr
     assert "Traceback" not in p.stderr
     # Same tokenizer (the run's own), built at seq 128 instead of the run's 64.
-    from data.build import build
+    from data.build import BuildSettings, build
 
     long_shards = str(tmp_path / "shards128")
     build([str(Path(train_shards).parent / "corpus.txt")], os.path.join(eval_run, "tokenizer"), long_shards,
-          workers=1, max_seq_len=128, max_predictions=20, dupe_factor=1, valid_fraction=0.1, shard_size=300,
-          block_docs=100, seed=3, progress=False)
+          BuildSettings(max_seq_len=128, max_predictions=20, dupe_factor=1, valid_fraction=0.1, shard_size=300,
+                        block_docs=100, seed=3), workers=1, progress=False)
     p = run_cli(EVALUATE, "--checkpoint", eval_run, "--data", long_shards, expect=2)
     assert "sequence length mismatch" in p.stderr and "max_seq_len 128" in p.stderr and "max_seq_len 64" in p.stderr
 
@@ -125,7 +126,7 @@ def test_consolidation_returns_fp32_masters_not_upcast_bf16(request, fixture):
     # ...and the check is not vacuous: two same-shaped tensors swapped are caught.
     a, b = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.key.weight"
     swapped = dict(sd, **{a: sd[b], b: sd[a]})
-    with pytest.raises(RunDirError, match="disagree"):
+    with pytest.raises(CheckpointError, match="disagree"):
         _check_against_module(swapped, states, meta.checkpoint_dir)
 
 

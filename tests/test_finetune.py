@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.finetune import (Columns, FinetuneError, collate, dev_batches, encode_split, load_classifier,
-                              load_local_task, train_batches)
+from helpers import base_env
+from trainer.dist import free_port
+from trainer.errors import FinetuneError
+from trainer.finetune import Columns, collate, dev_batches, encode_split, load_classifier, load_local_task, train_batches
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = str(REPO / "launcher" / "finetune.py")
@@ -58,14 +60,15 @@ def write(path, rows):
 
 def ds_config(tmp, micro=16):
     ds = json.loads((REPO / "ds_configs" / "finetune.json").read_text())
-    ds["train_micro_batch_size_per_gpu"] = micro
+    ds.pop("train_batch_size")  # micro x accum 1 x ranks, whatever the rank count
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1)
     path = Path(tmp) / f"finetune_{micro}.json"
     path.write_text(json.dumps(ds))
     return str(path)
 
 
 def run_finetune(*args, expect=0):
-    p = subprocess.run([sys.executable, FINETUNE, *map(str, args)], capture_output=True, text=True, env=_clean_env(),
+    p = subprocess.run([sys.executable, FINETUNE, *map(str, args)], capture_output=True, text=True, env=base_env(),
                        timeout=400)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}"
     return p
@@ -219,14 +222,12 @@ def test_finetune_sentence_pairs(eval_run, task_files, tmp_path):
     assert info["paired"] is True
 
 
-def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path):
+def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path, procs):
     out = tmp_path / "two"
-    env_port = str(_free_port())
-    p = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", env_port,
-                        FINETUNE, "--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train",
-                        task_files["train"], "--dev", task_files["dev"], "--lr", "1e-3", "--epochs", "2", "--max-len",
-                        "64", "--out", str(out)], capture_output=True, text=True, env=_clean_env(), timeout=400)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    p = procs.run([Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", free_port(),
+                   FINETUNE, "--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["train"],
+                   "--dev", task_files["dev"], "--lr", "1e-3", "--epochs", "2", "--max-len", "64", "--out", out],
+                  tmp_path / "two", env=base_env(), timeout=400)
     # The deepspeed launcher adds its own log lines after the ranks' output: take our JSON line.
     summary = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith('{"task"')][-1])
     run = summary["runs"][0]
@@ -237,21 +238,6 @@ def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path):
     model, tok, info = load_classifier(str(out / "best"))
     task = load_local_task(task_files["train"], task_files["dev"], Columns())
     assert accuracy(model, tok, task.dev) == pytest.approx(summary["best_dev_accuracy"], abs=0.02)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files, tmp_path):
@@ -300,7 +286,8 @@ def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards
     pretraining fingerprint); the untouched export loads with the same fingerprint as the run."""
     import shutil
 
-    from trainer.run_dir import RunDirError, load_pretrained
+    from trainer.checkpoint import load_pretrained
+    from trainer.errors import CheckpointError
 
     hf = tmp_path / "hf"
     subprocess.run([sys.executable, str(REPO / "launcher" / "export_hf.py"), "--checkpoint", eval_run, "--out",
@@ -310,7 +297,7 @@ def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards
     assert meta.tokenizer_fingerprint == tok.fingerprint == load_run_fingerprint(eval_run)
     for name in ("tokenizer.json", "vocab.txt"):
         shutil.copy(os.path.join(train_shards_other_tok, "tokenizer", name), hf / name)
-    with pytest.raises(RunDirError, match="records the pretraining tokenizer"):
+    with pytest.raises(CheckpointError, match="records the pretraining tokenizer"):
         load_pretrained(str(hf))
 
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
-from trainer import checkpoint, schedule
+from trainer import checkpoint, precision, schedule
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, base_env, write_ds, write_run
+
 BIN = Path(sys.executable).parent
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")
 TIMEOUT = 500  # generous: a first FusedAdam JIT build (~1-2 min, then cached) may land inside any run
@@ -33,44 +34,9 @@ RESUME_TRAIN = dict(max_steps=9, warmup_steps=3, log_every=1, eval_every=4, eval
                     keep_checkpoints=2, log_batch_keys=True, peak_tflops=1.0)
 
 
-def base_env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    for k in [k for k in env if k.startswith("SLURM_")]:
-        env.pop(k)
-    return env
-
-
-def write_ds(tmp, name="zero2.json", micro=4, accum=1, lr=1e-3, fp16=True, stage=None, clip=1.0):
-    ds = json.loads((REPO / "ds_configs" / name).read_text())
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, gradient_clipping=clip)
-    ds["optimizer"]["params"]["lr"] = lr
-    if not fp16:
-        ds.pop("fp16")
-    if stage is not None:
-        ds["zero_optimization"]["stage"] = stage
-    path = Path(tmp) / f"ds_{name}_{micro}_{accum}_{lr}_{fp16}.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
-def write_run(tmp, shards, out, model=None, data=None, **train):
-    cfg = {"model": {"preset": "tiny", **(model or {})},
-           "data": {"train": shards, "num_workers": 1, **(data or {})},
-           "train": {"output_dir": str(out), "seed": 7, "max_steps": 4, "log_every": 1, "eval_every": 0,
-                     "save_every": 100, "peak_tflops": 1.0, **train}}
-    path = Path(tmp) / f"run_{Path(out).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def run_plain(ds, cfg, *overrides, expect=0):
-    p = subprocess.run([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
-                       env=base_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}"
-    return p
+def run_plain(procs, tmp, ds, cfg, *overrides, expect=0):
+    return procs.run([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
+                     Path(tmp) / f"plain_{Path(cfg).stem}", env=base_env(), timeout=TIMEOUT, expect=expect)
 
 
 def free_job_id():
@@ -89,25 +55,24 @@ def scontrol_stub(tmp):
     return str(bin_dir)
 
 
-def spawn_srun_like(tmp, ds, cfg, *overrides, world=2, log_name="ranks"):
+def spawn_srun_like(procs, tmp, ds, cfg, *overrides, world=2, log_name="ranks", env=None):
     """Start ``world`` ranks the way srun does: only SLURM_* set, trainer.dist derives the rest."""
-    env = base_env()
+    env = env or base_env()
     env["PATH"] = scontrol_stub(tmp) + os.pathsep + env["PATH"]
     job = free_job_id()
-    procs = []
+    ranks = []
     for r in range(world):
         e = dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS=str(world), SLURM_JOB_ID=job,
                  SLURM_JOB_NODELIST="localhost")
-        log = open(Path(tmp) / f"{log_name}_{r}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
-                                      env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
+        ranks.append(procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
+                                 Path(tmp) / f"{log_name}_{r}", env=e))
+    return ranks
 
 
-def wait_all(procs, tmp, log_name="ranks"):
-    codes = [p.wait(timeout=TIMEOUT) for p in procs]
-    logs = [(Path(tmp) / f"{log_name}_{r}.log").read_text() for r in range(len(procs))]
-    return codes, logs
+def wait_all(procs, ranks):
+    """Exit codes and each rank's output (stdout then stderr), bounded by TIMEOUT."""
+    codes = procs.wait(ranks, TIMEOUT)
+    return codes, ["".join(procs.output(p)) for p in ranks]
 
 
 def train_records(out):
@@ -123,13 +88,13 @@ def val_records(out):
     return {r["step"]: r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "val/mlm_loss" in r}
 
 
-def wait_for_checkpoint(out, procs, tag):
+def wait_for_checkpoint(out, ranks, tag):
     latest = Path(out) / "checkpoints" / "latest"
     deadline = time.time() + TIMEOUT
     while time.time() < deadline:
         if latest.exists() and latest.read_text().strip() >= tag:
             return
-        if any(p.poll() is not None for p in procs):
+        if any(p.poll() is not None for p in ranks):
             raise AssertionError("run ended before the checkpoint appeared")
         time.sleep(0.02)
     raise AssertionError("checkpoint never appeared")
@@ -139,13 +104,13 @@ def wait_for_checkpoint(out, procs, tag):
 
 
 @pytest.fixture(scope="module")
-def reference_run(train_shards, tmp_path_factory):
+def reference_run(train_shards, tmp_path_factory, session_procs):
     """Uninterrupted srun-like 2-rank ZeRO-2 run: micro 4 x accum 2 x 2 ranks."""
     tmp = tmp_path_factory.mktemp("reference")
     ds = write_ds(tmp, micro=4, accum=2)
     out = tmp / "run"
     cfg = write_run(tmp, train_shards, out, **RESUME_TRAIN)
-    codes, logs = wait_all(spawn_srun_like(tmp, ds, cfg), tmp)
+    codes, logs = wait_all(session_procs, spawn_srun_like(session_procs, tmp, ds, cfg))
     assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
     return {"tmp": tmp, "ds": ds, "cfg": cfg, "out": out, "logs": logs}
 
@@ -176,7 +141,9 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
     assert sorted(val_records(out)) == [0, 4, 8, 9]
     # Run folder.
     ds = json.loads((out / "ds_config.json").read_text())
-    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    decision = precision.decide("fp16", precision.device_facts("cpu"))  # what this machine trains the JSON in
+    assert "fp16" not in ds and ds.get("bf16") == ({"enabled": True} if decision.precision == "bf16" else None)
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, 2)  # resolved batch triple
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == T
     assert json.loads((out / "model_config.json").read_text())["vocab_size"] == 1000
     assert (out / "tokenizer" / "tokenizer.json").exists()
@@ -197,8 +164,8 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
         groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
         assert [(g["lr"], g["weight_decay"]) for g in groups] == [(schedule.lr_at(T - 1, 1e-3, W, T), 0.01),
                                                                   (schedule.lr_at(T - 1, 1e-3, W, T), 0.0)]
-    # The fp16 -> bf16 switch is said once (rank 0), and the summary line is printed.
-    assert reference_run["logs"][0].count("switched") == 1 and "switched" not in reference_run["logs"][1]
+    # The precision decision is said once (rank 0), and the summary line is printed.
+    assert reference_run["logs"][0].count(decision.line) == 1 and decision.line not in reference_run["logs"][1]
     assert "done: 9 steps" in reference_run["logs"][0] and "tensorboard --logdir" in reference_run["logs"][0]
 
 
@@ -222,17 +189,17 @@ def test_tensorboard_scalars_and_text_panel(reference_run):
     assert text.count("**Input:**") == 3 and "**Target:**" in text and "**Predicted:**" in text and "[CLS]" in text
 
 
-def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path):
+def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path, procs):
     ds = reference_run["ds"]
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, **RESUME_TRAIN)
-    procs = spawn_srun_like(tmp_path, ds, cfg, log_name="first")
-    wait_for_checkpoint(out, procs, "step_0000003")
-    assert all(p.poll() is None for p in procs)  # really interrupted mid-run
-    for p in procs:
+    ranks = spawn_srun_like(procs, tmp_path, ds, cfg, log_name="first")
+    wait_for_checkpoint(out, ranks, "step_0000003")
+    assert all(p.poll() is None for p in ranks)  # really interrupted mid-run
+    for p in ranks:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    codes, logs = wait_all(spawn_srun_like(tmp_path, ds, cfg, log_name="second"), tmp_path, "second")
+    codes, logs = wait_all(procs, spawn_srun_like(procs, tmp_path, ds, cfg, log_name="second"))
     assert codes == [0, 0], logs[0][-4000:]
     assert "resumed from" in logs[0] and "resumed from" in "".join(logs)
     assert_same_as_reference(out, reference_run["out"])
@@ -244,38 +211,37 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path):
     # the workers must ignore it (trainer/loader.py) so the rank can finish the step and save.
     "process_group",
 ])
-def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target):
+def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target,
+                                                                    procs):
     ds = reference_run["ds"]
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, **RESUME_TRAIN)
-    procs = spawn_srun_like(tmp_path, ds, cfg, log_name="first")
-    wait_for_checkpoint(out, procs, "step_0000003")
+    ranks = spawn_srun_like(procs, tmp_path, ds, cfg, log_name="first")
+    wait_for_checkpoint(out, ranks, "step_0000003")
     # Only rank 1: the ranks must agree on stopping.
     if target == "rank_process":
-        procs[1].send_signal(signal.SIGTERM)
+        ranks[1].send_signal(signal.SIGTERM)
     else:
-        os.killpg(procs[1].pid, signal.SIGTERM)
-    codes, logs = wait_all(procs, tmp_path, "first")
+        os.killpg(ranks[1].pid, signal.SIGTERM)
+    codes, logs = wait_all(procs, ranks)
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "stop requested" in logs[0]
     stopped = checkpoint.read_client_state(str(out / "checkpoints"), None)["step"]
     assert 3 <= stopped < RESUME_TRAIN["max_steps"]
     assert max(train_records(out)) == stopped
-    codes, logs = wait_all(spawn_srun_like(tmp_path, ds, cfg, log_name="second"), tmp_path, "second")
+    codes, logs = wait_all(procs, spawn_srun_like(procs, tmp_path, ds, cfg, log_name="second"))
     assert codes == [0, 0], logs[0][-4000:]
     assert f"resumed from {out / 'checkpoints' / checkpoint.tag_for(stopped)}" in logs[0]
     assert_same_as_reference(out, reference_run["out"])
 
 
-def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path):
+def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path, procs):
     ds = write_ds(tmp_path, micro=4)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=3, eval_every=3, eval_batches=1)
     shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    p = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", PRETRAIN, "--deepspeed", ds, "--config", cfg,
-                        "train.log_batch_keys=true"], cwd=REPO, env=base_env(), capture_output=True, text=True,
-                       timeout=TIMEOUT)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    p = procs.run([BIN / "deepspeed", "--num_gpus", "2", PRETRAIN, "--deepspeed", ds, "--config", cfg,
+                   "train.log_batch_keys=true"], tmp_path / "launcher", env=base_env(), timeout=TIMEOUT)
     recs = train_records(out)
     assert sorted(recs) == [1, 2, 3] and all(len(r["keys"]) == 2 for r in recs.values())
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
@@ -286,11 +252,11 @@ def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stage_smoke(train_shards, tmp_path, stage):
+def test_zero_stage_smoke(train_shards, tmp_path, stage, procs):
     ds = write_ds(tmp_path, name=f"zero{stage}.json", micro=4)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=3, eval_every=2, eval_batches=2, save_every=2)
-    codes, logs = wait_all(spawn_srun_like(tmp_path, ds, cfg), tmp_path)
+    codes, logs = wait_all(procs, spawn_srun_like(procs, tmp_path, ds, cfg))
     assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
     recs = train_records(out)
     assert sorted(recs) == [1, 2, 3] and all(r["loss"] == r["loss"] for r in recs.values())
@@ -299,7 +265,7 @@ def test_zero_stage_smoke(train_shards, tmp_path, stage):
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 
-def test_gradient_accumulation_matches_a_bigger_micro_batch(train_shards, tmp_path):
+def test_gradient_accumulation_matches_a_bigger_micro_batch(train_shards, tmp_path, procs):
     """micro 4 x accum 2 and micro 8 x accum 1 see the same 8 samples per step (the loader's order is a
     function of global positions) and, in fp32 without dropout, follow the same trajectory."""
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -309,7 +275,7 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(train_shards, tmp_pa
         out = tmp_path / f"run_{micro}x{accum}"
         cfg = write_run(tmp_path, train_shards, out, model=no_dropout, max_steps=4, warmup_steps=0,
                         log_batch_keys=True, save_every=1000)
-        run_plain(ds, cfg)
+        run_plain(procs, tmp_path, ds, cfg)
         recs[micro] = train_records(out)
     a, b = recs[4], recs[8]
     for s in range(1, 5):
@@ -323,7 +289,7 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(train_shards, tmp_pa
         assert a[s]["mlm_loss"] == pytest.approx(b[s]["mlm_loss"], rel=2e-3)
 
 
-def test_corrupt_shard_is_skipped_and_counted_then_threshold_stops(train_shards, tmp_path):
+def test_corrupt_shard_is_skipped_and_counted_then_threshold_stops(train_shards, tmp_path, procs):
     shards = tmp_path / "shards"
     shutil.copytree(train_shards, shards)
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -336,7 +302,7 @@ def test_corrupt_shard_is_skipped_and_counted_then_threshold_stops(train_shards,
     ds = write_ds(tmp_path, micro=8, fp16=False)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, str(shards), out, max_steps=6)
-    p = run_plain(ds, cfg)
+    p = run_plain(procs, tmp_path, ds, cfg)
     recs = train_records(out)
     assert sorted(recs) == list(range(1, 7))
     bad = recs[6]["data/bad_samples"]
@@ -345,16 +311,16 @@ def test_corrupt_shard_is_skipped_and_counted_then_threshold_stops(train_shards,
     # Same data with a zero tolerance: the run stops with a message, not a traceback.
     out2 = tmp_path / "run_strict"
     cfg2 = write_run(tmp_path, str(shards), out2, data={"max_bad_samples": 0}, max_steps=6)
-    p = run_plain(ds, cfg2, expect=2)
+    p = run_plain(procs, tmp_path, ds, cfg2, expect=2)
     assert "max_bad_samples=0" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, tmp_path):
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, tmp_path, procs):
     # lr 1e30 (clipping off): the first update multiplies the weights into overflow, the next loss is NaN.
     ds = write_ds(tmp_path, micro=4, lr=1e30, clip=0.0)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=6, warmup_steps=0, save_every=1)
-    p = run_plain(ds, cfg, expect=3)
+    p = run_plain(procs, tmp_path, ds, cfg, expect=3)
     tags = checkpoint.list_tags(str(out / "checkpoints"))
     assert tags and "non-finite loss in bf16" in p.stderr
     assert f"last good checkpoint: {out / 'checkpoints' / tags[-1]}" in p.stderr
@@ -362,38 +328,39 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, t
     assert tags[-1] == checkpoint.tag_for(stopped - 1)  # the bad step itself was not saved
 
 
-def test_phase2_init_from_loads_weights_only(reference_run, train_shards_128, tmp_path):
+def test_phase2_init_from_loads_weights_only(reference_run, train_shards_128, tmp_path, procs):
     ds = write_ds(tmp_path, micro=4)
     out = tmp_path / "phase2"
     ref_ckpt = str(reference_run["out"] / "checkpoints")
     cfg = write_run(tmp_path, train_shards_128, out, max_steps=2, eval_every=2, eval_batches=4,
                     init_from=ref_ckpt)
-    p = run_plain(ds, cfg)
+    p = run_plain(procs, tmp_path, ds, cfg)
     assert "initialised weights from" in p.stdout and "(step 9)" in p.stdout
     recs = train_records(out)
     assert sorted(recs) == [1, 2] and recs[1]["lr"] == pytest.approx(schedule.lr_at(0, 1e-3, 0, 2))
     # The same run without init_from starts from random weights: its held-out loss at step 0 is worse.
     out0 = tmp_path / "fresh"
-    run_plain(ds, write_run(tmp_path, train_shards_128, out0, max_steps=1, eval_every=2, eval_batches=4))
+    run_plain(procs, tmp_path, ds, write_run(tmp_path, train_shards_128, out0, max_steps=1, eval_every=2,
+                                              eval_batches=4))
     assert val_records(out)[0]["val/mlm_loss"] < val_records(out0)[0]["val/mlm_loss"] - 0.05
 
 
 def test_resume_refuses_a_checkpoint_of_another_tokenizer(reference_run, train_shards_other_tok):
-    from bert import BertConfig
-    from trainer.config import ConfigError
-    from trainer.train import _check_resume
+    from trainer.errors import ConfigError
 
     out = reference_run["out"]
     client = checkpoint.read_client_state(str(out / "checkpoints"), None)
     other = json.loads((Path(train_shards_other_tok) / "manifest.json").read_text())["tokenizer"]
     assert other["vocab_size"] == 1000 and other["fingerprint"] != client["tokenizer_fingerprint"]
-    model_cfg = BertConfig.from_dict(client["model_config"])
+
+    def checker(fingerprint):
+        return checkpoint.Checkpointer("x", 1, {"tokenizer_fingerprint": fingerprint, "max_seq_len": 64,
+                                                "model_config": client["model_config"]})
     with pytest.raises(ConfigError) as e:
-        _check_resume(client, "ckpt", other["fingerprint"], 64, model_cfg, 2)
+        checker(other["fingerprint"]).check(client, "ckpt")
     assert client["tokenizer_fingerprint"] in str(e.value) and other["fingerprint"] in str(e.value)
-    _check_resume(client, "ckpt", client["tokenizer_fingerprint"], 64, model_cfg, 2)  # the matching one passes
-    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
-        _check_resume(client, "ckpt", client["tokenizer_fingerprint"], 64, model_cfg, 1)
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):  # one process: a world of 1
+        checker(client["tokenizer_fingerprint"]).check(client, "ckpt")
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -402,18 +369,20 @@ def test_resume_refuses_a_checkpoint_of_another_tokenizer(reference_run, train_s
     (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
 ])
 def test_refusals_before_training(train_shards, tmp_path, capsys, overrides, fragment):
-    from trainer.train import main
+    from data.errors import run_main
+    from launcher.pretrain import main
 
     ds = write_ds(tmp_path)
     cfg = write_run(tmp_path, train_shards, tmp_path / "run")
-    assert main(["--deepspeed", ds, "--config", cfg, *overrides]) == 2
+    assert run_main(main, ["--deepspeed", ds, "--config", cfg, *overrides]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_format_version_mismatch_is_refused(train_shards, tmp_path, capsys):
-    from trainer.train import main
+    from data.errors import run_main
+    from launcher.pretrain import main
 
     shards = tmp_path / "shards"
     shutil.copytree(train_shards, shards)
@@ -421,6 +390,6 @@ def test_format_version_mismatch_is_refused(train_shards, tmp_path, capsys):
     m["format_version"] = 99
     (shards / "manifest.json").write_text(json.dumps(m))
     ds = write_ds(tmp_path)
-    assert main(["--deepspeed", ds, "--config", write_run(tmp_path, str(shards), tmp_path / "run")]) == 2
+    assert run_main(main, ["--deepspeed", ds, "--config", write_run(tmp_path, str(shards), tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "format_version" in err and "99" in err and "Traceback" not in err

@@ -1,5 +1,5 @@
-"""Trainer pieces without a training run: schedule, DeepSpeed config resolution, SLURM env, weight-decay
-groups, FLOP counts, non-finite policy, shard/model checks, metrics sinks."""
+"""Trainer pieces without a training run: schedule, DeepSpeed config resolution (batch arithmetic), SLURM
+env, weight-decay groups, FLOP counts, non-finite policy, stop signals, shard/model checks, metrics sinks."""
 
 import json
 import os
@@ -10,9 +10,16 @@ import torch
 
 from bert import BertConfig, BertForPreTraining
 from trainer import dist, schedule
-from trainer.config import ConfigError
-from trainer.train import (NonFiniteGuard, check_shards, flop_counts, load_ds_config, param_groups,
-                           resolve_ds_config)
+from trainer.engine import apply_ds_overrides, load_ds_config, param_groups, resolve, resolve_batch
+from trainer.errors import ConfigError
+from trainer.guards import NonFiniteGuard
+from trainer.metrics import flop_counts
+from trainer.precision import DeviceFacts
+from trainer.pretrain import check_shards
+
+CPU_BF16 = DeviceFacts("cpu", fast_fp16=False, native_bf16=True, detail="AVX512_BF16")
+CPU_AVX2 = DeviceFacts("cpu", fast_fp16=False, native_bf16=False, detail="AVX2")
+GPU = DeviceFacts("cuda", fast_fp16=True, native_bf16=True, detail="compute capability 9.0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +61,7 @@ def test_set_lr_writes_every_group():
 # DeepSpeed config
 
 
-@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json", "zero2_seq512.json"])
 def test_shipped_ds_configs(name):
     ds = load_ds_config(os.path.join(REPO, "ds_configs", name))
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
@@ -64,34 +71,59 @@ def test_shipped_ds_configs(name):
     assert p["betas"] == [0.9, 0.999] and p["weight_decay"] == 0.01 and p["eps"] == 1e-6
     assert ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] == int(name[4])
-    if name == "zero2.json":
+    if name.startswith("zero2"):
         assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["contiguous_gradients"]
-    # Resolves on a CPU-like device (no fp16): exactly fp16 -> bf16, nothing else changes.
-    resolved, note = resolve_ds_config(ds, name, fp16_ok=False, bf16_ok=True, device="cpu")
-    assert "fp16" not in resolved and resolved["bf16"] == {"enabled": True} and "bf16" in note
-    rest = {k: v for k, v in resolved.items() if k != "bf16"}
-    assert rest == {k: v for k, v in ds.items() if k != "fp16"}
-    # And on a GPU-like device it is untouched.
-    assert resolve_ds_config(ds, name, fp16_ok=True, bf16_ok=True, device="cuda") == (ds, None)
+    # The recipe states BERT's global batch once; accumulation is derived for the world size.
+    assert ds["train_batch_size"] == 256 and "gradient_accumulation_steps" not in ds
+    r = resolve(ds, name, GPU, world=8)
+    assert r.batch.global_batch == 256 and r.ds["gradient_accumulation_steps"] == 256 // 8 // ds[
+        "train_micro_batch_size_per_gpu"]
+    # On a GPU the JSON's fp16 stays; on a CPU with native bf16 exactly fp16 -> bf16, nothing else changes.
+    assert r.ds["fp16"] == ds["fp16"] and "bf16" not in r.ds and r.precision == "fp16"
+    cpu = resolve(ds, name, CPU_BF16, world=8)
+    assert "fp16" not in cpu.ds and cpu.ds["bf16"] == {"enabled": True} and "fp16 -> bf16" in cpu.decision.line
+    assert {k: v for k, v in cpu.ds.items() if k != "bf16"} == {k: v for k, v in r.ds.items() if k != "fp16"}
+    # ... and fp32 where bf16 would only be emulated.
+    avx2 = resolve(ds, name, CPU_AVX2, world=8)
+    assert "fp16" not in avx2.ds and "bf16" not in avx2.ds and avx2.precision == "fp32"
+    assert avx2.decision.line == "cpu: no native bf16 (AVX2): fp16 -> fp32"
 
 
-def test_real_accelerator_switches_fp16_on_cpu():
-    from deepspeed.accelerator import get_accelerator
+def test_finetune_json_is_the_papers_batch_32():
+    ds = load_ds_config(os.path.join(REPO, "ds_configs", "finetune.json"))
+    assert resolve(ds, "finetune.json", GPU, world=1).batch.global_batch == 32
 
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        pytest.skip("this property is about the CPU accelerator")
-    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
-    resolved, note = resolve_ds_config(ds, "zero2.json", bool(acc.is_fp16_supported()),
-                                       bool(acc.is_bf16_supported()), acc.device_name())
-    assert resolved["bf16"] == {"enabled": True} and "fp16" not in resolved and note.count("\n") == 0
+
+@pytest.mark.parametrize("keys, world, expect", [
+    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32}, 8, (32, 1, 8)),
+    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32}, 2, (32, 4, 2)),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1}, 2, (32, 1, 2)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 3, (4, 2, 3)),
+    ({"train_micro_batch_size_per_gpu": 4}, 1, (4, 1, 1)),
+])
+def test_batch_arithmetic_derives_accumulation(keys, world, expect):
+    b = resolve_batch(keys, "x.json", world)
+    assert (b.micro, b.accum, b.world) == expect and b.global_batch == expect[0] * expect[1] * expect[2]
+    assert str(b) == f"micro {b.micro} x accum {b.accum} x {b.world} rank(s) = {b.global_batch} sequences/step"
+
+
+@pytest.mark.parametrize("keys, world, fragment", [
+    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32}, 32, "not a multiple of micro batch 32 x 32"),
+    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 2}, 8,
+     "disagrees with train_batch_size 256 / (micro 32 x 8 rank(s)) = 1"),
+    ({"train_batch_size": 0, "train_micro_batch_size_per_gpu": 32}, 1, "'train_batch_size' must be a positive"),
+])
+def test_batch_arithmetic_that_cannot_work_is_refused(keys, world, fragment):
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(keys, "x.json", world)
+    assert fragment in str(e.value) and "x.json" in str(e.value)
 
 
 @pytest.mark.parametrize("change, fragment", [
     (lambda d: d.update(bf16={"enabled": True}), "both enabled"),
     (lambda d: d["optimizer"].update(type="Lamb"), "only CUDA kernels"),
     (lambda d: d.update(train_micro_batch_size_per_gpu="auto"), "'auto'"),
-    (lambda d: d.pop("gradient_accumulation_steps"), "gradient_accumulation_steps"),
+    (lambda d: d.pop("train_micro_batch_size_per_gpu"), "train_micro_batch_size_per_gpu"),
     (lambda d: d.update(scheduler={"type": "WarmupDecayLR"}), "remove 'scheduler'"),
     (lambda d: d.pop("optimizer"), "params.lr"),
 ])
@@ -99,14 +131,8 @@ def test_ds_configs_the_device_cannot_run_are_refused(change, fragment):
     ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
     change(ds)
     with pytest.raises(ConfigError) as e:
-        resolve_ds_config(ds, "x.json", fp16_ok=False, bf16_ok=True, device="cpu")
+        resolve(ds, "x.json", CPU_BF16, world=8)
     assert fragment in str(e.value) and "x.json" in str(e.value)
-
-
-def test_fp16_without_bf16_is_refused():
-    ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero1.json"))
-    with pytest.raises(ConfigError, match="neither fp16 nor bf16"):
-        resolve_ds_config(ds, "zero1.json", fp16_ok=False, bf16_ok=False, device="xpu")
 
 
 def test_bad_json_names_the_file(tmp_path):
@@ -228,7 +254,6 @@ def test_metrics_writer_truncates_after_resume_step(tmp_path):
 
 def test_ds_overrides_replace_existing_keys_only():
     from trainer.config import parse_overrides
-    from trainer.train import apply_ds_overrides
 
     ds = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
     got = apply_ds_overrides(ds, "zero2.json", parse_overrides(["ds.optimizer.params.lr=1e-3",
@@ -240,7 +265,7 @@ def test_ds_overrides_replace_existing_keys_only():
 
 
 def test_cli_flags_are_pinned():
-    from trainer.train import build_parser
+    from launcher.pretrain import build_parser
 
     p = build_parser()
     flags = sorted(s for a in p._actions for s in a.option_strings)
@@ -258,7 +283,7 @@ def test_cli_flags_are_pinned():
 _ADAM_SCRIPT = r"""
 import sys, types, torch
 from deepspeed.ops.adam import FusedAdam
-from trainer import checkpoint
+from trainer import cpu
 mode, d = sys.argv[1], sys.argv[2]
 g = torch.Generator().manual_seed(0)
 grads = [torch.randn(300, generator=g) for _ in range(9)]
@@ -277,7 +302,7 @@ elif mode == "first":
 else:  # a new process = a fresh C++ kernel object, as after a requeue
     p.data.copy_(torch.load(d + "/first_p.pt")); q.data.copy_(torch.load(d + "/first_q.pt"))
     opt.load_state_dict(torch.load(d + "/opt.pt"))
-    replayed = checkpoint.replay_adam_bias_correction(types.SimpleNamespace(optimizer=opt)) if mode == "replay" else 0
+    replayed = cpu.replay_adam_bias_correction(types.SimpleNamespace(optimizer=opt)) if mode == "replay" else 0
     print("replayed", replayed)
     steps(5, 9)
 torch.save(p.data, d + "/" + mode + "_p.pt"); torch.save(q.data, d + "/" + mode + "_q.pt")
@@ -312,7 +337,9 @@ def test_jit_ops_are_built_per_virtualenv_unless_the_user_chose_a_folder():
     import sys
 
     from trainer.dist import pin_extensions_dir
-    env = {}
+    env = {"PATH": "/usr/bin:/bin"}
     assert pin_extensions_dir(env) == os.path.join(sys.prefix, "torch_extensions") == env["TORCH_EXTENSIONS_DIR"]
-    env = {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
-    assert pin_extensions_dir(env) == "/scratch/ext"
+    bindir = os.path.dirname(sys.executable)  # this venv's ninja first: another one rebuilds the ops
+    assert env["PATH"].split(os.pathsep)[0] == bindir and os.path.exists(os.path.join(bindir, "ninja"))
+    env = {"TORCH_EXTENSIONS_DIR": "/scratch/ext", "PATH": f"/usr/bin:{bindir}"}
+    assert pin_extensions_dir(env) == "/scratch/ext" and env["PATH"] == f"{bindir}:/usr/bin"

@@ -1,35 +1,61 @@
-"""Checkpoints: DeepSpeed's engine checkpoint plus our client state; keep the last K; weights-only init.
+"""Checkpoints and run directories: save and resume training, and read a trained model back on one process.
 
-Layout (DeepSpeed's): ``<output_dir>/checkpoints/latest`` names the newest tag; ``step_{N:07d}/`` holds
-``mp_rank_00_model_states.pt`` (module weights + client state) and the ZeRO optimizer partitions.
+A run directory is what pretraining writes (trainer.pretrain)::
 
-DeepSpeed writes the client state from the data-parallel writer (rank 0) only, so anything that differs per
-rank — the loader position and the RNG states — is gathered to every rank first and stored as a list indexed
-by rank; on resume each rank takes its own entry. Client-state schema::
+    RUN_DIR/config.yaml            the resolved run configuration
+    RUN_DIR/ds_config.json         the resolved DeepSpeed config (batch triple and precision as trained)
+    RUN_DIR/model_config.json      BertConfig.to_dict()
+    RUN_DIR/tokenizer/             copy of the shards' tokenizer
+    RUN_DIR/metrics.jsonl, tensorboard/
+    RUN_DIR/checkpoints/latest     name of the newest tag
+    RUN_DIR/checkpoints/step_N/    DeepSpeed's checkpoint: mp_rank_00_model_states.pt (weights + client state),
+                                   *_optim_states.pt (one per data-parallel rank under ZeRO)
+
+DeepSpeed writes the client state from rank 0 only, so anything that differs per rank (the loader position,
+the RNG states) is gathered first and stored as a list indexed by rank. Client-state schema::
 
     {"step": int, "samples_seen": int, "tokens_seen": int,
      "data_state": [loader.state_dict() of rank 0, rank 1, ...],
      "rng": [{"python", "numpy", "torch", "accelerator"} of rank 0, rank 1, ...],
      "world_size": int, "run_config": dict, "model_config": dict, "ds_config": dict,
      "tokenizer_fingerprint": str, "max_seq_len": int, "format_version": int}
+
+Reading back: the weights are consolidated to fp32 with DeepSpeed's own API
+(`get_fp32_state_dict_from_zero_checkpoint`: any ZeRO stage, any rank count, one CPU process). Without ZeRO
+files (stage 0) the fp32 master copy of DeepSpeed's fp16/bf16 optimizer is unflattened, or, for plain fp32
+training, the module weights are taken as they are. The result is checked against the module weights stored
+next to it (master rounded to the training dtype must equal them), so a consolidation that mixes up
+parameters cannot go unnoticed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import sys
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 
-from trainer.config import ConfigError
+from bert import BertConfig, BertForPreTraining
+from bert.hf import HF_FINGERPRINT_FIELD, TIED_KEYS
+from trainer import dist
+from trainer.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+CLIENT_KEYS = ("step", "samples_seen", "tokens_seen", "data_state", "rng", "world_size", "run_config",
+               "model_config", "ds_config", "tokenizer_fingerprint", "max_seq_len", "format_version")
 
 
 def tag_for(step: int) -> str:
@@ -45,12 +71,13 @@ def list_tags(ckpt_dir: str) -> list[str]:
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:
+    """The tag ``latest`` names, if that folder exists."""
     path = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         tag = f.read().strip()
-    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+    return tag if tag and os.path.isdir(os.path.join(ckpt_dir, tag)) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,88 +104,90 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrappers (ZeRO / bf16 / fp16 optimizers keep it in ``.optimizer``)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
-def replay_adam_bias_correction(engine) -> int:
-    """Bring the hidden state of DeepSpeed's CPU Adam kernel to where an uninterrupted run has it; returns the
-    number of steps replayed (0 when nothing needs it).
-
-    Why: the CPU ``multi_tensor_adam`` (FusedAdam on the CPU accelerator) keeps beta1^t and beta2^t in a static
-    C++ object (``Adam_Optimizer::IncrementStep``, csrc/includes/cpu_adam.h): std::pow(beta, 1) on the first call
-    of a process, then ``beta_t *= beta`` in float32 on each following step. A resumed process starts with a
-    fresh object and computes std::pow(beta, t) instead, which is not the product of t float32 multiplications:
-    0.999f^6 is 0.99401504 by pow but 0.9940151 by repeated products. That one-ulp difference in the bias
-    correction changes the first resumed update by ~1 ulp and the runs drift apart (a few 1e-5 in the loss
-    after a handful of steps). The checkpoint holds the step count, not this product, so it cannot restore it.
-
-    Fix: call the kernel for steps 1..t on empty tensors. Each call runs only IncrementStep (the update loop has
-    no elements), in the same order FusedAdam.step uses (every step, each group with its betas), so the object
-    ends with exactly the product the uninterrupted run has. Cost ~1.5 us per call: 900k steps x 2 groups ~3 s.
-    The CUDA kernel derives the bias correction from the step alone and needs nothing.
-    """
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.ops.adam import FusedAdam
-
-    opt = base_optimizer(engine)
-    if not isinstance(opt, FusedAdam) or get_accelerator().device_name() != "cpu":
-        return 0
-    steps = {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"] if "step" in opt.state[p]}
-    if len(steps) > 1:
-        # ZeRO 1/2 step every partition together; different counts mean per-parameter steps we cannot replay.
-        raise ConfigError(f"optimizer state has different step counts per parameter {sorted(steps)}: cannot "
-                          f"restore the CPU Adam kernel's bias-correction state exactly")
-    last = steps.pop() if steps else 0
-    empty = torch.empty(0)
-    noop = torch.zeros(1, dtype=torch.int)
-    groups = [g for g in opt.param_groups if g["params"]]
-    for t in range(1, last + 1):
-        for g in groups:
-            beta1, beta2 = g["betas"]
-            # lr, eps, weight decay only matter for elements, and there are none.
-            opt.multi_tensor_adam(2048 * 32, noop, [[empty], [empty], [empty], [empty]], 0.0, beta1, beta2,
-                                  g["eps"], t, opt.adam_w_mode, 1 if g["bias_correction"] else 0, 0.0)
-    return last
-
-
-def gather(obj) -> list:
-    """Every rank's ``obj``, indexed by rank (a list of one when not distributed)."""
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return [obj]
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Save / load
+# Training checkpoints
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, rank: int) -> str:
-    """Collective: every rank calls it. Saves tag step_N, then rank 0 prunes all but the newest ``keep``."""
-    tag = tag_for(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
-    if tdist.is_initialized():
-        tdist.barrier()  # every rank has written its ZeRO partition before anything is deleted
-    if rank == 0:
-        for old in list_tags(ckpt_dir)[:-keep]:
-            if old != tag:
-                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    if tdist.is_initialized():
-        tdist.barrier()
-    return os.path.join(ckpt_dir, tag)
+class Checkpointer:
+    """Saves and resumes a training run's checkpoints in ``ckpt_dir``, keeping the newest ``keep``.
+
+    ``meta`` is the run's fixed description stored with every checkpoint (run/model/ds config, tokenizer
+    fingerprint, max_seq_len, format_version); ``save`` adds the trainer's per-rank state, gathered."""
+
+    def __init__(self, ckpt_dir: str, keep: int, meta: dict):
+        self.dir, self.keep, self.meta = ckpt_dir, keep, meta
+        self.last_saved: Optional[str] = None
+
+    def save(self, engine, state: dict) -> str:
+        """Collective: every rank calls it with its own ``state`` (Trainer.state_dict())."""
+        rank, world = dist.rank_world()
+        step = state["step"]
+        tag = tag_for(step)
+        client = {"step": step, "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                  "data_state": dist.all_gather_object(state["data_state"]),
+                  "rng": dist.all_gather_object(state["rng"]), "world_size": world, **self.meta}
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client)
+        dist.barrier()  # every rank has written its ZeRO partition before anything is deleted
+        if rank == 0:
+            for old in list_tags(self.dir)[:-self.keep]:
+                if old != tag:
+                    shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+        dist.barrier()
+        self.last_saved = os.path.join(self.dir, tag)
+        return self.last_saved
+
+    def load(self, engine, resume: tuple[str, Optional[str]]) -> dict:
+        """Load weights, optimizer and scheduler state into ``engine`` (collective); returns this rank's view
+        of the client state (``data_state`` and ``rng`` of its own rank) after checking it fits this run."""
+        load_dir, tag = resume
+        tag = tag or latest_tag(load_dir)
+        path, client = engine.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise ConfigError(f"could not load a checkpoint from {load_dir} (tag {tag or 'latest'})")
+        path = os.path.join(load_dir, tag)
+        self.check(client, path)
+        if engine.device.type == "cpu":
+            from trainer import cpu
+
+            cpu.replay_adam_bias_correction(engine)  # else the first resumed update differs by ~1 ulp
+        rank, _ = dist.rank_world()
+        self.last_saved = path
+        return {"step": client["step"], "samples_seen": client["samples_seen"], "tokens_seen": client["tokens_seen"],
+                "data_state": client["data_state"][rank], "rng": client["rng"][rank], "path": self.last_saved}
+
+    def check(self, client: dict, path: str) -> None:
+        """Refuse a checkpoint this run cannot continue exactly, showing both sides."""
+        _, world = dist.rank_world()
+        for key in ("step", "samples_seen", "tokens_seen", "data_state", "rng", "tokenizer_fingerprint"):
+            if key not in client:
+                raise ConfigError(f"checkpoint {path} lacks client state '{key}': not written by this trainer")
+        m = self.meta
+        if client["tokenizer_fingerprint"] != m["tokenizer_fingerprint"]:
+            raise ConfigError(f"checkpoint {path} was trained with tokenizer fingerprint "
+                              f"{client['tokenizer_fingerprint']} but the shards' tokenizer is {m['tokenizer_fingerprint']}")
+        if client.get("max_seq_len") != m["max_seq_len"]:
+            raise ConfigError(f"checkpoint {path} was trained on max_seq_len {client.get('max_seq_len')} shards, "
+                              f"these are {m['max_seq_len']}; for phase 2 use train.init_from (weights only) in a "
+                              f"new output_dir")
+        if client.get("model_config") != m["model_config"]:
+            raise ConfigError(f"checkpoint {path}: model config {client.get('model_config')} differs from the "
+                              f"run's {m['model_config']}")
+        if len(client["data_state"]) != world:
+            raise ConfigError(f"checkpoint {path} was written by {len(client['data_state'])} ranks, this run has "
+                              f"{world}")
 
 
 def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[str]]]:
     """``train.resume`` -> (load_dir, tag) for engine.load_checkpoint, or None for a fresh start.
 
     ``auto``: output_dir/checkpoints if it has a ``latest``; ``none``: never; a path: either a
-    checkpoints folder (with ``latest``) or one tag folder inside it.
+    checkpoints folder (with ``latest``) or one tag folder inside it, or a run directory.
     """
     if resume == "none":
         return None
@@ -171,42 +200,339 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[s
         return os.path.dirname(path), os.path.basename(path)
     if os.path.isdir(os.path.join(path, "checkpoints")) and latest_tag(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
-    raise ConfigError(f"train.resume={resume!r}: not a checkpoints folder with a 'latest' file, nor a "
-                      f"checkpoint tag folder holding {MODEL_STATES}")
-
-
-def read_client_state(load_dir: str, tag: Optional[str]) -> dict:
-    """Client state of a checkpoint without building an engine (for init_from checks)."""
-    tag = tag or latest_tag(load_dir)
-    path = os.path.join(load_dir, tag or "", MODEL_STATES)
-    if tag is None or not os.path.isfile(path):
-        raise ConfigError(f"no checkpoint found in {load_dir} (expected 'latest' and <tag>/{MODEL_STATES})")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    sd.pop("module", None)
-    return sd
+    raise ConfigError(f"{resume!r}: not a checkpoints folder with a 'latest' file, a checkpoint tag folder "
+                      f"holding {MODEL_STATES}, nor a run directory with checkpoints")
 
 
 def load_weights(model: torch.nn.Module, init_from: str) -> dict:
-    """Load consolidated fp32 weights (any ZeRO stage) into ``model``; return the source's client state.
-
-    Only the weights: the optimizer, step, data position and RNG start fresh (phase 2 from phase 1).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Consolidated fp32 weights of a checkpoint (any ZeRO stage) into ``model``; returns its client state.
+    Only the weights: optimizer, step, data position and RNG start fresh (phase 2 from phase 1)."""
     resolved = resolve_resume(init_from, init_from) if init_from not in ("auto", "none") else None
     if resolved is None:
         raise ConfigError(f"train.init_from={init_from!r} is not a checkpoint path")
     load_dir, tag = resolved
     tag = tag or latest_tag(load_dir)
-    client = read_client_state(load_dir, tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ConfigError(f"train.init_from {load_dir}/{tag}: weights do not fit the model "
-                          f"(model config differs?); missing {missing[:5]}, unexpected {unexpected[:5]}")
+    states = read_model_states(os.path.join(load_dir, tag))
+    sd, _how = consolidate_fp32(load_dir, tag, states, model)
     try:
-        model.load_state_dict(state)
+        load_state_into(model, sd, f"train.init_from {load_dir}/{tag}")
     except RuntimeError as e:  # shape mismatches: the model config differs from the checkpoint's
         raise ConfigError(f"train.init_from {load_dir}/{tag}: weights do not fit the model: {e}") from None
-    return client
+    except CheckpointError as e:
+        raise ConfigError(f"{e} (model config differs?)") from None
+    states.pop("module", None)
+    return states
+
+
+def read_client_state(load_dir: str, tag: Optional[str] = None) -> dict:
+    """Client state of a checkpoint without building an engine."""
+    tag = tag or latest_tag(load_dir)
+    if tag is None:
+        raise CheckpointError(f"no checkpoint found in {load_dir} (expected 'latest' and <tag>/{MODEL_STATES})")
+    states = read_model_states(os.path.join(load_dir, tag))
+    return {k: states[k] for k in CLIENT_KEYS if k in states}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a trained model back
+
+
+@dataclass
+class RunMeta:
+    """Where the weights came from and what the pretraining run recorded about them."""
+
+    path: str  # the run directory or HF directory given
+    kind: str  # "run" or "hf"
+    tokenizer_dir: str
+    tokenizer_fingerprint: str  # the fingerprint of the tokenizer the model was pretrained with
+    fingerprint_recorded: bool  # False: an HF dir without our field (the dir's own tokenizer is assumed)
+    tag: str | None = None
+    checkpoint_dir: str | None = None
+    step: int | None = None
+    max_seq_len: int | None = None
+    ds_config: dict | None = None
+    consolidation: str = ""  # how fp32 weights were obtained (for the log line)
+    client_state: dict = field(default_factory=dict, repr=False)
+
+    def eval_micro_batch(self) -> int | None:
+        """The micro batch the run validated with (train_micro_batch_size_per_gpu of its DeepSpeed config)."""
+        if not self.ds_config:
+            return None
+        return self.ds_config.get("train_micro_batch_size_per_gpu")
+
+    def eval_dtype(self) -> str:
+        """The precision the run's engine held its module in (its resolved ds_config.json)."""
+        from trainer.precision import requested
+
+        return requested(self.ds_config or {})
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing ({what})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "model_config.json"))
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def resolve_tag(checkpoints_dir: str, tag: str | None) -> str:
+    """`tag` if given (must exist), else the content of checkpoints/latest."""
+    if not os.path.isdir(checkpoints_dir):
+        raise CheckpointError(f"{checkpoints_dir}: no checkpoints directory (has the run saved a checkpoint yet?)")
+    available = sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
+    if tag is None:
+        latest = os.path.join(checkpoints_dir, "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"{latest}: missing; pass --tag (available tags: {available or 'none'})")
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if not tag:
+            raise CheckpointError(f"{latest}: empty; pass --tag (available tags: {available or 'none'})")
+    if tag not in available:
+        raise CheckpointError(f"{checkpoints_dir}: no checkpoint tag {tag!r} (available tags: {available or 'none'})")
+    return tag
+
+
+def model_states_file(ckpt_dir: str) -> str:
+    """Rank 0's model-states file: mp_rank_00_model_states.pt (stages 0-2) or
+    zero_pp_rank_0_mp_rank_00_model_states.pt (stage 3, one per rank)."""
+    for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            return path
+    found = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    raise CheckpointError(f"{os.path.join(ckpt_dir, MODEL_STATES)}: missing (not a DeepSpeed checkpoint; "
+                          f"the folder holds {found})")
+
+
+def read_model_states(ckpt_dir: str) -> dict:
+    """DeepSpeed's model-states file: module weights, param_shapes, optimizer (stage 0), and the
+    client_state keys at top level. Needs weights_only=False: DeepSpeed pickles its own objects in it."""
+    return torch.load(model_states_file(ckpt_dir), map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Consolidation
+
+
+def _unflatten_master(states: dict, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Stage 0 with fp16/bf16: DeepSpeed's FP16_Optimizer keeps one flat fp32 master tensor per param
+    group (`fp32_groups_flat`, a plain concatenation in group order, no padding). The group's parameter
+    order is `param_shapes` when saved; DeepSpeed leaves it None at stage 0, and then a single group holding
+    every parameter is in `model.parameters()` order (what the optimizer was built from). Several groups
+    without param_shapes cannot be attributed: None (the caller falls back to the module weights).
+    The caller verifies the result against the stored module weights either way."""
+    opt = states.get("optimizer")
+    if not isinstance(opt, dict) or "fp32_groups_flat" not in opt:
+        return None
+    flats = opt["fp32_groups_flat"]
+    shapes = states.get("param_shapes")
+    if not shapes:
+        named = list(model.named_parameters())  # tied parameters listed once, as the optimizer saw them
+        if len(flats) != 1:
+            return _attribute_groups(flats, named, states.get("module") or {})
+        if flats[0].numel() != sum(p.numel() for _, p in named):
+            return None
+        shapes = [{name: p.shape for name, p in named}]
+    elif isinstance(shapes, dict):
+        shapes = [shapes]
+    if len(flats) != len(shapes):
+        raise CheckpointError(f"fp32_groups_flat has {len(flats)} groups but param_shapes {len(shapes)}")
+    out = {}
+    for flat, group in zip(flats, shapes):
+        offset = 0
+        for name, shape in group.items():
+            n = int(torch.Size(shape).numel())
+            out[name] = flat[offset: offset + n].view(shape).clone().float()
+            offset += n
+        if offset != flat.numel():
+            raise CheckpointError(f"fp32_groups_flat group has {flat.numel()} elements, param_shapes sum to {offset}")
+    return out
+
+
+def _attribute_groups(flats: list[torch.Tensor], named: list, module: dict) -> dict[str, torch.Tensor] | None:
+    """Several flat master groups without param_shapes (e.g. weight-decay / no-decay groups at stage 0):
+    each group holds its parameters in model order, so walk the model's parameters and give each to the one
+    group whose next slice, rounded to the saved module dtype, is exactly the saved module tensor. None when
+    that is not unique for some parameter (or sizes do not add up): the caller then uses the module weights."""
+    offsets = [0] * len(flats)
+    out = {}
+    for name, p in named:
+        stored = module.get(name)
+        if stored is None or stored.numel() != p.numel():
+            return None
+        n = p.numel()
+        fits = [g for g, flat in enumerate(flats) if offsets[g] + n <= flat.numel() and torch.equal(
+            flat[offsets[g]: offsets[g] + n].view(stored.shape).to(stored.dtype), stored)]
+        if len(fits) != 1:
+            return None
+        g = fits[0]
+        out[name] = flats[g][offsets[g]: offsets[g] + n].view(p.shape).clone().float()
+        offsets[g] += n
+    if offsets != [flat.numel() for flat in flats]:
+        return None
+    return out
+
+
+def consolidate_fp32(checkpoints_dir: str, tag: str, states: dict,
+                     model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Full fp32 state dict of checkpoints_dir/tag (any ZeRO stage, any rank count) and how it was made.
+    `model` is a freshly built instance of the checkpoint's architecture (parameter order at stage 0)."""
+    ckpt_dir = os.path.join(checkpoints_dir, tag)
+    if glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed prints progress to stdout; keep stdout for our result lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                sd = get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag)
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                raise CheckpointError(f"{ckpt_dir}: cannot consolidate ZeRO checkpoint: {e}") from None
+        n_files = len(glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")))
+        return {k: v.float() for k, v in sd.items()}, f"zero_to_fp32 ({n_files} rank file(s))"
+    master = _unflatten_master(states, model)
+    if master is not None:
+        return master, "fp32 master of DeepSpeed's fp16/bf16 optimizer (stage 0)"
+    module = states.get("module")
+    if not isinstance(module, dict) or not module:
+        raise CheckpointError(f"{ckpt_dir}: no ZeRO optimizer files and no module weights in {MODEL_STATES}")
+    dtypes = {v.dtype for v in module.values() if v.is_floating_point()}
+    if dtypes != {torch.float32}:
+        log.warning("%s: module weights are %s and no fp32 master copy was saved; upcasting",
+                    ckpt_dir, sorted(map(str, dtypes)))
+    return {k: v.float() for k, v in module.items()}, "module weights (stage 0)"
+
+
+def _check_against_module(sd: dict[str, torch.Tensor], states: dict, where: str) -> None:
+    """fp32 master rounded to the stored module's dtype must equal the module weights (stages 0-2 store
+    full module tensors; ZeRO-3 stores empty placeholders, which are skipped)."""
+    module = states.get("module") or {}
+    bad = []
+    for name, stored in module.items():
+        if name not in sd or stored.numel() == 0 or stored.numel() != sd[name].numel():
+            continue
+        if not torch.equal(sd[name].to(stored.dtype).view(stored.shape), stored):
+            bad.append(name)
+    if bad:
+        raise CheckpointError(f"{where}: consolidated fp32 weights disagree with the saved module weights for "
+                              f"{len(bad)} tensor(s), e.g. {bad[:3]}; the checkpoint is inconsistent")
+
+
+def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load after filling tied aliases (checkpoints store one name per shared tensor)."""
+    sd = dict(sd)
+    expected = set(model.state_dict())
+    for alias, target in TIED_KEYS.items():
+        if alias in expected and alias not in sd and target in sd:
+            sd[alias] = sd[target]
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: checkpoint does not match {type(model).__name__}:\n"
+                              f"  missing keys: {missing}\n  unexpected keys: {unexpected}")
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def load_run(run_dir: str, tag: str | None = None):
+    """(BertForPreTraining in fp32 eval mode, BertTokenizer, RunMeta) from a training run directory."""
+    from data.tokenizer import load_tokenizer
+
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir}: not a directory (expected a training run directory)")
+    checkpoints_dir = os.path.join(run_dir, "checkpoints")
+    tag = resolve_tag(checkpoints_dir, tag)
+    ckpt_dir = os.path.join(checkpoints_dir, tag)
+    states = read_model_states(ckpt_dir)
+
+    cfg_path = os.path.join(run_dir, "model_config.json")
+    if os.path.isfile(cfg_path):
+        cfg_dict = _read_json(cfg_path, "BertConfig of the run")
+    elif isinstance(states.get("model_config"), dict):
+        cfg_dict = states["model_config"]
+    else:
+        raise CheckpointError(f"{cfg_path}: missing, and the checkpoint's client_state has no model_config")
+    try:
+        config = BertConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+    ds_path = os.path.join(run_dir, "ds_config.json")
+    ds_config = _read_json(ds_path, "DeepSpeed config") if os.path.isfile(ds_path) else states.get("ds_config")
+
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    recorded = states.get("tokenizer_fingerprint")
+    if recorded is None:
+        raise CheckpointError(f"{model_states_file(ckpt_dir)}: client_state has no tokenizer_fingerprint")
+    if tokenizer.fingerprint != recorded:
+        raise CheckpointError(f"{tok_dir}: tokenizer fingerprint {tokenizer.fingerprint} differs from the one the "
+                              f"checkpoint was trained with ({recorded}); the run's tokenizer/ was replaced")
+
+    model = BertForPreTraining(config)
+    sd, how = consolidate_fp32(checkpoints_dir, tag, states, model)
+    _check_against_module(sd, states, ckpt_dir)
+    load_state_into(model, sd, ckpt_dir)
+    model.eval()
+
+    meta = RunMeta(path=run_dir, kind="run", tokenizer_dir=tok_dir, tokenizer_fingerprint=recorded,
+                   fingerprint_recorded=True, tag=tag, checkpoint_dir=ckpt_dir, step=states.get("step"),
+                   max_seq_len=states.get("max_seq_len"), ds_config=ds_config, consolidation=how,
+                   client_state={k: states[k] for k in CLIENT_KEYS if k in states and k not in ("data_state", "rng")})
+    return model, tokenizer, meta
+
+
+def load_hf(hf_dir: str):
+    """(BertForPreTraining, BertTokenizer, RunMeta) from an HF directory (ours via export_hf, or Google's).
+    The pretraining fingerprint is tokenizer_config.json's `bert_fingerprint` when we exported it;
+    otherwise the directory's own tokenizer is all there is and it is taken as the pretraining one."""
+    from bert.hf import from_hf
+    from data.tokenizer import load_tokenizer
+
+    hf_dir = os.fspath(hf_dir)
+    try:
+        model = from_hf(hf_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    tokenizer = load_tokenizer(hf_dir)
+    tc_path = os.path.join(hf_dir, "tokenizer_config.json")
+    recorded = None
+    if os.path.isfile(tc_path):
+        recorded = _read_json(tc_path, "tokenizer config").get(HF_FINGERPRINT_FIELD)
+    if recorded is not None and recorded != tokenizer.fingerprint:
+        raise CheckpointError(f"{hf_dir}: tokenizer files have fingerprint {tokenizer.fingerprint} but "
+                              f"{tc_path} records the pretraining tokenizer as {recorded}; the files were replaced")
+    model.eval()
+    meta = RunMeta(path=hf_dir, kind="hf", tokenizer_dir=hf_dir,
+                   tokenizer_fingerprint=recorded or tokenizer.fingerprint,
+                   fingerprint_recorded=recorded is not None, consolidation="hf safetensors")
+    return model, tokenizer, meta
+
+
+def load_pretrained(path: str, tag: str | None = None):
+    """A run directory or an HF directory, whichever `path` is."""
+    path = os.fspath(path)
+    if is_run_dir(path):
+        return load_run(path, tag)
+    if tag is not None:
+        raise CheckpointError(f"{path}: --tag applies to run directories only (this is not one)")
+    if is_hf_dir(path):
+        return load_hf(path)
+    raise CheckpointError(f"{path}: neither a run directory (checkpoints/, model_config.json) nor a "
+                          f"Hugging Face directory (config.json)")

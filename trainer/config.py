@@ -1,4 +1,8 @@
-"""Run configuration: YAML -> dataclasses, with dotted command-line overrides.
+"""Run configuration of every command: YAML -> dataclasses, with dotted command-line overrides.
+
+One style for all three: pretraining (``RunConfig``: model / data / train), fine-tuning (``FinetuneConfig``:
+model / task / train) and evaluation (``EvalConfig``: eval). A launcher's flags are sugar for overrides of
+the same keys (``--epochs 2`` is ``train.epochs=2``).
 
 Precedence: ``key.sub=value`` overrides > the YAML file > the defaults below. Unknown keys are errors that
 name the key (a typo such as ``train.max_step`` must never be silently ignored). Values of overrides are
@@ -6,7 +10,8 @@ parsed as YAML scalars, so ``train.max_steps=10`` is an int, ``train.init_from=n
 ``data.dynamic_masking=true`` a bool.
 
 What is NOT here, on purpose: batch sizes, optimizer, learning rate and precision. Those live only in the
-DeepSpeed JSON (``--deepspeed``) and are read back from the engine, so there is one source per value.
+DeepSpeed JSON (``--deepspeed``; ``ds.a.b=value`` overrides an existing key of it) and are read back from the
+engine, so there is one source per value. The fine-tuning lr sweep is a list of such overrides.
 """
 
 from __future__ import annotations
@@ -19,11 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
-from bert import BertConfig, PRESETS
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the key or file."""
+from bert import PRESETS, BertConfig
+from trainer.errors import ConfigError
 
 
 @dataclass
@@ -69,6 +71,9 @@ class TrainConfig:
     """Per-device peak for MFU; None = measured once at start with a large matmul in the training dtype."""
     max_nonfinite: int = 5
     """fp16: stop after this many consecutive overflow steps at the minimum loss scale."""
+    collective_timeout: Optional[float] = None
+    """Seconds any collective may wait before every rank stops naming its phase; None = 600 on CPU (gloo),
+    1800 on GPU (NCCL). Must outlast the slowest checkpoint save or validation pass."""
 
 
 @dataclass
@@ -89,9 +94,162 @@ class RunConfig:
         fields.setdefault("vocab_size", vocab_size)
         return BertConfig.preset(preset, **fields)
 
+    def validate(self) -> None:
+        for key in self.model:
+            if key not in _MODEL_KEYS:
+                raise ConfigError(f"unknown config key 'model.{key}'; valid: preset or a BertConfig field "
+                                  f"({', '.join(sorted(_MODEL_KEYS - {'preset'}))})")
+        self.model = {"preset": "base", **self.model}
+        if self.model["preset"] not in PRESETS:
+            raise ConfigError(f"model.preset {self.model['preset']!r} is not one of {', '.join(PRESETS)}")
+        t, d = self.train, self.data
+        if not d.train:
+            raise ConfigError("data.train is required: the shard folder written by `python -m data.build`")
+        if t.max_steps <= 0:
+            raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
+        if t.warmup_steps is not None and t.warmup_fraction is not None:
+            raise ConfigError("set only one of train.warmup_steps and train.warmup_fraction")
+        if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.max_steps:
+            raise ConfigError(f"train.warmup_steps must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
+        if t.warmup_fraction is not None and not 0.0 <= t.warmup_fraction <= 1.0:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 1], got {t.warmup_fraction}")
+        for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+        if t.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {t.eval_every}")
+        if t.eval_batches is not None and t.eval_batches <= 0:
+            raise ConfigError(f"train.eval_batches must be > 0 or null, got {t.eval_batches}")
+        for name in ("peak_tflops", "collective_timeout"):
+            if getattr(t, name) is not None and getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0 or null, got {getattr(t, name)}")
+        if d.num_workers < 0 or d.max_bad_samples < 0:
+            raise ConfigError("data.num_workers and data.max_bad_samples must be >= 0")
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(BertConfig)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+SWEEP_LRS = [5e-5, 3e-5, 2e-5]  # the paper's fine-tuning grid (batch 32)
+
+
+@dataclass
+class FtModelConfig:
+    path: str = ""
+    """Pretraining run directory or Hugging Face BERT directory."""
+    tag: Optional[str] = None
+    """Checkpoint tag of a run directory (default: its latest)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to fine-tune with (default: the model's own); must be the pretraining one."""
+    allow_tokenizer_mismatch: bool = False
+    dropout: float = 0.1
+    """Dropout of every layer and of the classifier input."""
+
+
+@dataclass
+class FtTaskConfig:
+    name: Optional[str] = None
+    """GLUE task through the hub (cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli); or train/dev local files."""
+    train: Optional[str] = None
+    """Local .csv / .tsv / .jsonl training file (with dev)."""
+    dev: Optional[str] = None
+    text_column: str = "text"
+    text_b_column: Optional[str] = None
+    """Second sentence for pair tasks (default: 'text_b' when the file has it)."""
+    label_column: str = "label"
+    max_len: int = 128
+
+
+@dataclass
+class FtTrainConfig:
+    epochs: int = 3
+    warmup_fraction: float = 0.1
+    seed: int = 42
+    sweep_lrs: list[float] = field(default_factory=list)
+    """Peak learning rates to run one after another, each as the override ds.optimizer.params.lr=<lr> of the
+    DeepSpeed JSON (recorded in out/lr_<lr>/ds_config.json); empty: one run at the JSON's lr."""
+    out: str = ""
+    export_hf: bool = False
+    """Also write out/best_hf in transformers' layout."""
+
+
+@dataclass
+class FinetuneConfig:
+    model: FtModelConfig = field(default_factory=FtModelConfig)
+    task: FtTaskConfig = field(default_factory=FtTaskConfig)
+    train: FtTrainConfig = field(default_factory=FtTrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        m, k, t = self.model, self.task, self.train
+        if not m.path:
+            raise ConfigError("model.path is required (--model): a pretraining run directory or an HF directory")
+        if not t.out:
+            raise ConfigError("train.out is required (--out): the output directory")
+        if (k.name is None) == (k.train is None):
+            raise ConfigError("give exactly one of task.name (--task, GLUE via the hub) and task.train (--train)")
+        if (k.train is None) != (k.dev is None):
+            raise ConfigError("task.train (--train) needs task.dev (--dev), and task.dev applies to local files")
+        if k.name is not None and k.text_b_column is not None:
+            raise ConfigError("task.text_b_column (--text-b-column) applies to local files (--train), not to --task")
+        if t.epochs < 1:
+            raise ConfigError(f"train.epochs (--epochs) must be >= 1, got {t.epochs}")
+        if not 0 <= t.warmup_fraction < 1:
+            raise ConfigError(f"train.warmup_fraction (--warmup-fraction) must be in [0, 1), got {t.warmup_fraction}")
+        if not 0 <= m.dropout < 1:
+            raise ConfigError(f"model.dropout (--dropout) must be in [0, 1), got {m.dropout}")
+        if k.max_len < 3:
+            raise ConfigError(f"task.max_len (--max-len) must be >= 3 ([CLS] x [SEP]), got {k.max_len}")
+        if any(lr <= 0 for lr in t.sweep_lrs):
+            raise ConfigError(f"train.sweep_lrs must be positive, got {t.sweep_lrs}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalSection:
+    checkpoint: str = ""
+    """Training run directory."""
+    tag: Optional[str] = None
+    data: str = ""
+    """Shard folder (with manifest.json)."""
+    split: str = "valid"
+    micro_batch: Optional[int] = None
+    """Sequences per forward (default: the run's train_micro_batch_size_per_gpu)."""
+    dtype: Optional[str] = None
+    """Precision of the model (default: the run's, from its ds_config.json, as this device allows)."""
+    device: Optional[str] = None
+    """torch device (default: cuda if available, else cpu)."""
+    ranks: Optional[int] = None
+    """Read the split as this many data-parallel ranks would (default: the run's world size)."""
+    max_batches: Optional[int] = None
+    """Batches per rank (default: the run's train.eval_batches; 0 = the whole split)."""
+
+
+@dataclass
+class EvalConfig:
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        e = self.eval
+        if not e.checkpoint or not e.data:
+            raise ConfigError("eval.checkpoint (--checkpoint) and eval.data (--data) are required")
+        if e.dtype is not None and e.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"eval.dtype (--dtype) must be fp32, bf16 or fp16, got {e.dtype!r}")
+        for name in ("micro_batch", "ranks"):
+            if getattr(e, name) is not None and getattr(e, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(e, name)}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -122,16 +280,50 @@ def _build_section(name: str, cls, raw: Any):
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"'{name}' must be a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"unknown config key '{name}.{key}'; valid keys of '{name}': {', '.join(sorted(known))}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(f"config key '{name}.{key}' must be {_type_name(hints[key])}, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and _wants_float(hints[key]):
+        tp = hints[key]
+        if typing.get_origin(tp) is list:  # list[float]: a YAML list of numbers
+            (item,) = typing.get_args(tp)
+            if isinstance(value, list) and item is float:  # YAML 1.1 reads 1e-3 as a string
+                value = [_number(v) for v in value]
+            if not isinstance(value, list) or not all(_type_ok(v, item) for v in value):
+                raise ConfigError(f"config key '{name}.{key}' must be a list of {_type_name(item)}, got {value!r}")
+            raw[key] = [float(v) if item is float else v for v in value]
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"config key '{name}.{key}' must be {_type_name(tp)}, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and _wants_float(tp):
             raw[key] = float(value)
     return cls(**raw)
+
+
+def build(cls, tree: Any):
+    """A config document (a dataclass whose fields are section dataclasses, or ``dict`` for RunConfig.model)
+    from a parsed YAML tree; unknown keys and wrong types are errors naming the key; then ``cls.validate``."""
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(sections)}), got {type(tree).__name__}")
+    unknown = sorted(set(tree) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: {', '.join(sorted(sections))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name in sections:
+        if hints[name] is dict:
+            raw = tree.get(name) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"'{name}' must be a mapping, got {type(raw).__name__}")
+            values[name] = dict(raw)
+        else:
+            values[name] = _build_section(name, hints[name], tree.get(name))
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -147,6 +339,16 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads "1e-3" as a string; a number is what anyone typing it means."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
@@ -157,60 +359,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not a YAML scalar ({e})") from None
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" as a string; a number is what anyone typing it means
-                value = float(value) if any(c in value.lower() for c in ".e") else int(value)
-            except ValueError:
-                pass
-        out.append((key.strip(), value))
+        out.append((key.strip(), _number(value)))
     return out
-
-
-def from_dict(tree: dict) -> RunConfig:
-    if not isinstance(tree, dict):
-        raise ConfigError(f"run config must be a mapping of sections (model, data, train), got {type(tree).__name__}")
-    unknown = sorted(set(tree) - {"model", "data", "train"})
-    if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}'; valid top-level keys: data, model, train")
-    model = tree.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"'model' must be a mapping, got {type(model).__name__}")
-    for key in model:
-        if key not in _MODEL_KEYS:
-            raise ConfigError(f"unknown config key 'model.{key}'; valid: preset or a BertConfig field "
-                              f"({', '.join(sorted(_MODEL_KEYS - {'preset'}))})")
-    model = {"preset": "base", **model}
-    if model["preset"] not in PRESETS:
-        raise ConfigError(f"model.preset {model['preset']!r} is not one of {', '.join(PRESETS)}")
-    cfg = RunConfig(model=model, data=_build_section("data", DataConfig, dict(tree.get("data") or {})),
-                    train=_build_section("train", TrainConfig, dict(tree.get("train") or {})))
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    t, d = cfg.train, cfg.data
-    if not d.train:
-        raise ConfigError("data.train is required: the shard folder written by `python -m data.build`")
-    if t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
-    if t.warmup_steps is not None and t.warmup_fraction is not None:
-        raise ConfigError("set only one of train.warmup_steps and train.warmup_fraction")
-    if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.max_steps:
-        raise ConfigError(f"train.warmup_steps must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
-    if t.warmup_fraction is not None and not 0.0 <= t.warmup_fraction <= 1.0:
-        raise ConfigError(f"train.warmup_fraction must be in [0, 1], got {t.warmup_fraction}")
-    for name in ("log_every", "save_every", "keep_checkpoints", "max_nonfinite"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every must be >= 0, got {t.eval_every}")
-    if t.eval_batches is not None and t.eval_batches <= 0:
-        raise ConfigError(f"train.eval_batches must be > 0 or null, got {t.eval_batches}")
-    if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise ConfigError(f"train.peak_tflops must be > 0 or null, got {t.peak_tflops}")
-    if d.num_workers < 0 or d.max_bad_samples < 0:
-        raise ConfigError("data.num_workers and data.max_bad_samples must be >= 0")
 
 
 def warmup_steps(t: TrainConfig) -> int:
@@ -221,8 +371,10 @@ def warmup_steps(t: TrainConfig) -> int:
     return int(round(fraction * t.max_steps))
 
 
-def load(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
-    """Read the YAML at ``path`` (may be None: defaults only) and apply ``key.sub=value`` overrides."""
+def load(path: Optional[str], overrides: list[str] = (), cls=None):
+    """Read the YAML at ``path`` (may be None: defaults only), apply ``key.sub=value`` overrides, build ``cls``
+    (default RunConfig)."""
+    cls = cls or RunConfig
     tree: dict = {}
     if path is not None:
         try:
@@ -233,14 +385,14 @@ def load(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping (model/data/train), got {type(tree).__name__}")
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:
-        return from_dict(tree)
+        return build(cls, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-def dump_yaml(cfg: RunConfig) -> str:
+def dump_yaml(cfg) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

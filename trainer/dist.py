@@ -19,13 +19,16 @@ import os
 import socket
 import subprocess
 import sys
-from typing import MutableMapping
+from datetime import timedelta
+from typing import MutableMapping, Optional
+
+from trainer.errors import DistError
 
 _KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistError(RuntimeError):
-    """The environment does not describe a usable process group."""
+# Longest wait of any collective before it raises (every rank then stops, naming its phase: trainer.trainer).
+# It must outlast the longest time one rank may legitimately keep the others waiting: a checkpoint save of
+# BERT-large to shared storage, a validation pass, a first JIT build of an op.
+DEFAULT_TIMEOUT_S = {"gloo": 600.0, "nccl": 1800.0}
 
 
 def free_port() -> int:
@@ -87,48 +90,123 @@ def setup_env(env: MutableMapping[str, str] | None = None) -> dict:
 
 
 def pin_extensions_dir(env: MutableMapping[str, str] | None = None) -> str:
-    """Build DeepSpeed's JIT ops (CPU FusedAdam, shm comm) into this virtualenv, unless the user chose a folder.
+    """Build DeepSpeed's JIT ops (CPU FusedAdam, shm comm) into this virtualenv, unless the user chose a folder,
+    always with this environment's ninja.
 
     torch's default, ~/.cache/torch_extensions, is shared by every virtualenv of the user. Two venvs on one
     machine (a checkout and a CI clone, say) differ in include paths, so each rebuilds the other's ops on every
     run, and a process killed mid-build (preemption, kill -9) leaves a lock file every later run waits on
-    forever. One folder per venv (sys.prefix) avoids both.
+    forever. One folder per venv (sys.prefix) avoids both. torch runs the first ninja on PATH, and two
+    ninja versions (the venv's and the system's) each take the other's build log for a changed command and
+    rebuild both ops (~75 s of CPU) whenever PATH changes between runs: the venv's own (a declared dependency)
+    goes first.
     """
     env = os.environ if env is None else env
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")):
+        env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
     return env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
-def init(backend: str | None = None) -> tuple[int, int, int]:
-    """setup_env() then deepspeed.init_distributed; returns (rank, local_rank, world_size)."""
+def init(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
+    """setup_env() then the process group (nccl on CUDA, gloo on CPU) with a bound on every collective:
+    ``timeout_s``, default DEFAULT_TIMEOUT_S of the backend. Returns (rank, local_rank, world_size)."""
     pin_extensions_dir()
     import deepspeed
+    import torch.distributed as tdist
     from deepspeed.accelerator import get_accelerator
 
     setup_env()
-    backend = backend or get_accelerator().communication_backend_name()  # nccl on CUDA, gloo on CPU
-    deepspeed.init_distributed(dist_backend=backend)
-    import torch.distributed as tdist
+    try:  # an unresolvable name makes the TCP store retry silently for ~10 minutes
+        socket.getaddrinfo(os.environ["MASTER_ADDR"], None)
+    except socket.gaierror as e:
+        raise DistError(f"MASTER_ADDR={os.environ['MASTER_ADDR']} does not resolve on {socket.gethostname()} "
+                        f"({e.strerror})") from None
+    backend = get_accelerator().communication_backend_name()
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective raises
+    timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S.get(backend, DEFAULT_TIMEOUT_S["gloo"]))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     if get_accelerator().device_name() == "cpu":
-        unlink_shm_buffer(tdist.get_rank())
+        from trainer import cpu
+
+        cpu.unlink_shm_buffer(tdist.get_rank())
     return tdist.get_rank(), int(os.environ["LOCAL_RANK"]), tdist.get_world_size()
 
 
-def shm_buffer_path(rank: int) -> str:
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-            f"{os.environ['MASTER_PORT']}_{rank}")
-
-
-def unlink_shm_buffer(rank: int) -> None:
-    """Remove this rank's name of DeepSpeed's CPU shared-memory allreduce buffer (the memory stays mapped).
-
-    DeepSpeed creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB of RAM on tmpfs)
-    per rank and never unlinks it: every CPU run leaked 69 MB per rank until reboot (4.3 GB after a day of
-    test runs here). The name is only needed while the ranks open each other's buffers, which every rank has
-    done when init_distributed returns; the barrier makes sure all of them got there.
-    """
+def bound_collectives() -> None:
+    """Give every process group the bound of the default one. DeepSpeed makes its own groups (ZeRO's data
+    parallel group among them) with torch's defaults, 30 minutes for gloo and 10 for NCCL, not init's
+    timeout: without this, a hung rank left the others in ZeRO's gradient all_reduce for 30 minutes.
+    (torch's private _set_pg_timeout, torch >= 2.3; without it the groups keep their defaults.)"""
     import torch.distributed as tdist
-    tdist.barrier()
-    try:
-        os.remove(shm_buffer_path(rank))
-    except FileNotFoundError:  # the shm op is not in use (ranks on several nodes, or not built)
-        pass
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (tdist.is_available() and tdist.is_initialized()) or not hasattr(c10d, "_set_pg_timeout"):
+        return
+    default = c10d._get_default_group()
+    timeout = default._get_backend(default._device_types[0]).options._timeout
+    for group in list(c10d._world.pg_map):
+        if group is not default and not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values, device) -> list[float]:
+    """Sums over ranks of a list of numbers (float64); the values themselves without a process group."""
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, indexed by rank (a list of one without a process group)."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+# Words of the errors torch raises when a collective fails (gloo, NCCL and the TCP store).
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe",
+                       "socket", "store", "watchdog")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed or timed out (a peer died, the bound fired), not a bug."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _COLLECTIVE_FAILURE)
+
+
+def shutdown() -> None:
+    """Leave the process group after a normal end (every rank is here: one last barrier)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

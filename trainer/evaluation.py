@@ -1,21 +1,16 @@
-"""Held-out MLM/NSP metrics, aggregated exactly; the same function for training-time validation and
-``launcher/evaluate.py``, so both report the same numbers.
-
-Exact aggregation: the model returns detached sums and counts per batch (``mlm_loss_sum``, ``mlm_count``,
-...). We add them over batches and (all_reduce SUM) over ranks, and divide once at the end. Averaging
-per-batch means instead would weight a batch of 3 predictions like one of 20.
-"""
+"""Held-out MLM/NSP metrics, aggregated exactly (trainer.metrics.summarize): the same code for training-time
+validation and ``launcher/evaluate.py``, so both report the same numbers."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
-import torch.distributed as tdist
 
-_SUMS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count")
+from trainer import dist
+from trainer.metrics import SUM_KEYS, summarize
+
 _NON_TENSOR = ("keys", "is_padding")
 
 
@@ -31,41 +26,162 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_pretraining(model_or_engine, loader: Iterable[dict], *, autocast_dtype: Optional[torch.dtype] = None,
-                         max_batches: Optional[int] = None) -> dict:
-    """One pass of ``loader`` (eval mode: every rank yields the same number of batches, padding batches
-    flagged ``is_padding`` are run — ZeRO-3 needs every rank in every forward — but not counted).
-
-    Returns ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``.
-    ``max_batches`` must be the same on every rank.
-    """
+def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype: Optional[torch.dtype] = None,
+                     max_batches: Optional[int] = None) -> list[float]:
+    """This process's SUM_KEYS totals over one pass of ``loader`` (eval mode). Padding batches (``is_padding``,
+    eval loaders give every rank the same number of batches) are run — ZeRO-3 needs every rank in every
+    forward — but not counted. ``max_batches`` must be the same on every rank."""
     device = model_device(model_or_engine)
     was_training = model_or_engine.training
     model_or_engine.eval()
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            padding = bool(batch.get("is_padding", False))
             with autocast:
                 out = model_or_engine(**to_device(batch, device))
-            if not padding:
-                sums += torch.stack([getattr(out, k).detach().to(torch.float64) for k in _SUMS])
+            if not batch.get("is_padding", False):
+                sums += torch.stack([getattr(out, k).detach().to(torch.float64) for k in SUM_KEYS])
     finally:
         model_or_engine.train(was_training)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(sums)  # SUM over ranks: each rank saw a disjoint part of the split
-    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, nsp_count = sums.tolist()
-    mlm_loss = mlm_loss_sum / mlm_count if mlm_count else float("nan")
-    return {
-        "mlm_loss": mlm_loss,
-        "perplexity": math.exp(mlm_loss) if mlm_count and mlm_loss < 700 else float("inf" if mlm_count else "nan"),
-        "mlm_acc": mlm_correct / mlm_count if mlm_count else float("nan"),
-        "nsp_loss": nsp_loss_sum / nsp_count if nsp_count else float("nan"),
-        "nsp_acc": nsp_correct / nsp_count if nsp_count else float("nan"),
-        "samples": int(nsp_count),
-        "predictions": int(mlm_count),
-    }
+    return sums.tolist()
+
+
+def evaluate_pretraining(model_or_engine, loader: Iterable[dict], **kwargs) -> dict:
+    """Metrics over every rank's share of a split: the per-rank sums are all-reduced, then divided once.
+    Returns ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``."""
+    sums = pretraining_sums(model_or_engine, loader, **kwargs)
+    return summarize(dist.all_reduce_sum(sums, model_device(model_or_engine)))
+
+
+class Validator:
+    """Training-time validation: metrics over the valid split (every rank its share), logged to TensorBoard
+    and metrics.jsonl, plus a text panel of decoded Input / Target / Predicted for fixed held-out examples.
+
+    ``make_loader`` builds a fresh one-pass loader (its workers start from the fork server each time). Every
+    rank keeps its first valid batch for the panel (under ZeRO-3 every rank must run each forward); rank 0,
+    which holds the tokenizer, shows its first ``n_examples``."""
+
+    def __init__(self, engine, make_loader: Callable[[], Iterable[dict]], metrics, *, max_batches: Optional[int],
+                 tokenizer=None, pad_id: int = 0, n_examples: int = 3, log: Callable[[str], None] = print):
+        self.engine, self.make_loader, self.metrics, self.max_batches = engine, make_loader, metrics, max_batches
+        self.tokenizer, self.pad_id, self.n_examples, self.log = tokenizer, pad_id, n_examples, log
+        self.fixed_batch = next(iter(make_loader()), None)
+        self.best: dict = {}
+
+    def __call__(self, step: int) -> None:
+        res = evaluate_pretraining(self.engine, self.make_loader(), max_batches=self.max_batches)
+        rec = {f"val/{k}": v for k, v in res.items()}
+        self.metrics.scalars(step, rec)
+        self.metrics.record({"step": step, **rec})
+        if not self.best or res["mlm_loss"] < self.best["mlm_loss"]:
+            self.best = dict(res, step=step)
+        self.log(f"step {step}: validation mlm_loss {res['mlm_loss']:.4f} (perplexity {res['perplexity']:.2f}), "
+                 f"mlm_acc {res['mlm_acc']:.4f}, nsp_acc {res['nsp_acc']:.4f} on {res['samples']} sequences")
+        if self.fixed_batch is not None:
+            self._text_panel(step)
+
+    @torch.no_grad()
+    def _text_panel(self, step: int) -> None:
+        from trainer.metrics import format_examples
+
+        batch = self.fixed_batch
+        was_training = self.engine.training
+        self.engine.eval()
+        out = self.engine(**to_device(batch, model_device(self.engine)))
+        self.engine.train(was_training)
+        if self.tokenizer is None:
+            return
+        text = format_examples(self.tokenizer, batch["input_ids"].cpu(), batch["masked_lm_positions"].cpu(),
+                               batch["masked_lm_ids"].cpu(), out.mlm_predictions.cpu(),
+                               batch["masked_lm_weights"].cpu(), self.pad_id, self.n_examples)
+        self.metrics.text(step, "validation/examples", text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launcher/evaluate.py: a checkpoint on one process
+
+
+def check_data_matches(manifest: dict, shards: str, meta) -> None:
+    """The shards must be tokenized with the checkpoint's tokenizer and built at its sequence length."""
+    from trainer.errors import CheckpointError
+
+    data_fp = manifest["tokenizer"]["fingerprint"]
+    if data_fp != meta.tokenizer_fingerprint:
+        raise CheckpointError(f"tokenizer mismatch: shards {shards} were built with tokenizer {data_fp}, "
+                              f"checkpoint {meta.checkpoint_dir} was trained with {meta.tokenizer_fingerprint}")
+    data_len = manifest["settings"]["max_seq_len"]
+    if meta.max_seq_len is not None and data_len != meta.max_seq_len:
+        raise CheckpointError(f"sequence length mismatch: shards {shards} have max_seq_len {data_len}, "
+                              f"checkpoint {meta.checkpoint_dir} was trained at max_seq_len {meta.max_seq_len}")
+
+
+def evaluate_as_ranks(model, shards: str, split: str, micro_batch: int, ranks: int, max_batches: Optional[int],
+                      seed: int) -> dict:
+    """Each of ``ranks`` data-parallel ranks' share of the split in turn, with the same batches the run's ranks
+    read; their sums are added (the run's all_reduce) and divided once."""
+    from data.loader import PretrainLoader
+
+    total = [0.0] * len(SUM_KEYS)
+    for rank in range(ranks):
+        loader = PretrainLoader(shards, split, micro_batch, rank=rank, world_size=ranks, seed=seed, shuffle=False,
+                                loop=False)
+        total = [a + b for a, b in zip(total, pretraining_sums(model, loader, max_batches=max_batches))]
+    return summarize(total)
+
+
+def run_eval(config_path: Optional[str], overrides: list[str]) -> dict:
+    """MLM loss/perplexity/accuracy and NSP loss/accuracy of a checkpoint, read exactly as the run's validation
+    read the split by default: the run's micro batch, precision (as this device allows: trainer.precision),
+    world size and cap on batches. Prints a table and returns the record (the launcher prints it as JSON)."""
+    import math
+    import os
+    import sys
+    import time
+
+    from data.shards import read_manifest
+    from trainer import config as configs, engine as eng, precision
+    from trainer.checkpoint import load_run
+    from trainer.errors import CheckpointError
+
+    t0 = time.time()
+    e = configs.load(config_path, overrides, configs.EvalConfig).eval
+    model, _tokenizer, meta = load_run(e.checkpoint, e.tag)
+    manifest = read_manifest(e.data)
+    check_data_matches(manifest, e.data, meta)
+    if e.split not in manifest["splits"] or manifest["splits"][e.split]["samples"] == 0:
+        raise CheckpointError(f"{e.data}: split {e.split!r} is absent or empty")
+    micro_batch = e.micro_batch or meta.eval_micro_batch()
+    if micro_batch is None:
+        raise CheckpointError(f"{e.checkpoint}: no ds_config.json with train_micro_batch_size_per_gpu; pass "
+                              f"--micro-batch")
+    device = torch.device(e.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    decision = precision.decide(e.dtype or meta.eval_dtype(), precision.device_facts(device.type))
+    print(decision.line, file=sys.stderr)
+    if device.type == "cpu":
+        from trainer import cpu
+
+        print(cpu.configure_allocator(), file=sys.stderr)
+    # The training engine holds its module in the run's precision (DeepSpeed casts it), so do the same:
+    # fp32 masters rounded to bf16 give exactly the engine's bf16 weights.
+    model.to(device=device, dtype=eng.torch_dtype(decision.precision))
+    run_train = (meta.client_state.get("run_config") or {}).get("train") or {}
+    ranks = e.ranks or meta.client_state.get("world_size") or 1
+    max_batches = run_train.get("eval_batches") if e.max_batches is None else (e.max_batches or None)
+    print(f"checkpoint {meta.checkpoint_dir} (step {meta.step}, weights: {meta.consolidation}); data {e.data} "
+          f"split {e.split} ({manifest['splits'][e.split]['samples']} samples) as {ranks} rank(s), "
+          f"{'all' if max_batches is None else max_batches} batch(es) per rank; micro batch {micro_batch}, "
+          f"{decision.precision}, {device}", file=sys.stderr)
+    result = evaluate_as_ranks(model, e.data, e.split, micro_batch, ranks, max_batches, run_train.get("seed", 0))
+    if not math.isfinite(result["mlm_loss"]):
+        print("warning: MLM loss is not finite", file=sys.stderr)
+    rows = [(k, f"{result[k]:.6f}") for k in ("mlm_loss", "perplexity", "mlm_acc", "nsp_loss", "nsp_acc")]
+    rows += [("samples", str(result["samples"])), ("predictions", str(result["predictions"]))]
+    print("\n".join(f"  {k:<11}  {v:>14}" for k, v in rows))
+    print(f"evaluated {result['samples']} samples in {time.time() - t0:.1f}s", file=sys.stderr)
+    return {"checkpoint": os.path.abspath(e.checkpoint), "tag": meta.tag, "step": meta.step,
+            "data": os.path.abspath(e.data), "split": e.split, "micro_batch": micro_batch,
+            "dtype": decision.precision, "ranks": ranks, "max_batches": max_batches, **result}

@@ -3,20 +3,21 @@
 Model: BertForSequenceClassification ([CLS] pooled output -> dropout -> linear), encoder and pooler copied
 from the pretrained BertForPreTraining, classifier head freshly initialised (normal(0, 0.02), seeded).
 
-Recipe (paper, section 4.1 / appendix A.3): batch 32 (in the DeepSpeed JSON: micro batch x accumulation x
-world), lr in {5e-5, 3e-5, 2e-5}, 3 epochs, linear warmup over the first 10% of steps then linear decay to
-0 (trainer.schedule), dropout 0.1, max length 128. Weight decay (from the JSON) skips biases and LayerNorm
-weights, as Google's optimizer does.
+Recipe (paper, section 4.1 / appendix A.3): batch 32 (the DeepSpeed JSON's train_batch_size), lr in
+{5e-5, 3e-5, 2e-5} (train.sweep_lrs: one run per lr, each as the JSON override ds.optimizer.params.lr), 3
+epochs, linear warmup over the first 10% of steps then linear decay to 0 (trainer.schedule), dropout 0.1,
+max length 128. Engine, weight-decay rule, precision decision, metrics and consolidation of the best weights
+are pretraining's own pieces (trainer.engine, trainer.precision, trainer.metrics, trainer.checkpoint).
 
 Tasks: GLUE through `datasets` (`nyu-mll/glue`, needs the hub) or local CSV / TSV / JSONL files with a text
 column, an optional second text column and a label column. Labels are mapped to ids deterministically:
 GLUE keeps its ClassLabel ids; local labels are sorted (numerically when every label is an integer,
 otherwise as strings) and the dev set must only use labels seen in training.
 
-Output of one run (``out_dir``): ``metrics.jsonl`` + ``tensorboard/`` (per epoch: dev accuracy/loss, train
-loss, lr; at the end the best), ``best/`` (our format: model.safetensors fp32, classifier_config.json,
-tokenizer/; load with ``load_classifier``) and optionally ``best_hf/`` (transformers'
-BertForSequenceClassification layout).
+Output of one run (``out_dir``): ``ds_config.json`` (as resolved, its lr included), ``metrics.jsonl`` +
+``tensorboard/`` (per epoch: dev accuracy/loss, train loss, lr; at the end the best), ``best/`` (our format:
+model.safetensors fp32, classifier_config.json, tokenizer/; load with ``load_classifier``) and optionally
+``best_hf/`` (transformers' BertForSequenceClassification layout).
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 
 from bert import BertConfig, BertForSequenceClassification
+from data.loader import padded_length
+from trainer import dist
+from trainer.config import FinetuneConfig
+from trainer.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
-SWEEP_LRS = (5e-5, 3e-5, 2e-5)
 # GLUE classification tasks: name -> (first text column, second text column or None, dev split).
 # STS-B is regression and is not offered.
 GLUE_TASKS = {
@@ -54,11 +58,6 @@ GLUE_TASKS = {
     "wnli": ("sentence1", "sentence2", "validation"),
 }
 CLASSIFIER_CONFIG = "classifier_config.json"
-_PAD_MULTIPLE = 8  # pad sequences to a multiple of 8, like the pretraining loader
-
-
-class FinetuneError(Exception):
-    """Bad task data or settings (the message names the file / row / column / key)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +233,7 @@ def encode_split(tokenizer, split: Split, max_len: int) -> Encoded:
 
 def collate(data: Encoded, indices: list[int], pad_id: int) -> dict:
     """Pad the chosen examples to the batch's longest, rounded up to a multiple of 8."""
-    longest = max(len(data.input_ids[i]) for i in indices)
-    S = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
+    S = padded_length(max(len(data.input_ids[i]) for i in indices))
     B = len(indices)
     input_ids = torch.full((B, S), pad_id, dtype=torch.long)  # (B, S)
     token_type_ids = torch.zeros((B, S), dtype=torch.long)  # (B, S)
@@ -285,22 +283,6 @@ def build_classifier(pretrained, num_labels: int, dropout: float, seed: int) -> 
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm weights (1-D tensors) are not decayed (Google's BERT)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def prepare_ds_config(ds_config: dict, lr: float | None) -> dict:
-    """The resolved JSON (trainer.train.resolve_ds_config: batch, optimizer, precision, no scheduler) with
-    the peak learning rate replaced when --lr/--sweep gives one; otherwise the JSON's lr is the peak."""
-    cfg = json.loads(json.dumps(ds_config))  # deep copy
-    if lr is not None:
-        cfg["optimizer"]["params"]["lr"] = lr
-    return cfg
-
-
 def save_classifier(model: BertForSequenceClassification, out_dir: str, tokenizer, info: dict) -> None:
     """Our format: model.safetensors (fp32), classifier_config.json, tokenizer/."""
     from safetensors.torch import save_file
@@ -320,7 +302,7 @@ def load_classifier(path: str):
     from safetensors.torch import load_file
 
     from data.tokenizer import load_tokenizer
-    from trainer.run_dir import load_state_into
+    from trainer.checkpoint import load_state_into
 
     cfg_path = os.path.join(path, CLASSIFIER_CONFIG)
     if not os.path.isfile(cfg_path):
@@ -334,58 +316,17 @@ def load_classifier(path: str):
 
 def export_classifier_hf(model: BertForSequenceClassification, out_dir: str, tokenizer_dir: str,
                          label_names: list[str], fingerprint: str) -> None:
-    """transformers' BertForSequenceClassification layout: config.json with num_labels/id2label/label2id,
-    model.safetensors (keys are HF's already), tokenizer files + our `bert_fingerprint`."""
-    from safetensors.torch import save_file
+    """transformers' BertForSequenceClassification layout (bert.hf.to_hf) with num_labels/id2label/label2id."""
+    from bert.hf import to_hf
 
-    from bert.hf import _hf_config, write_hf_tokenizer
-    from trainer.run_dir import HF_FINGERPRINT_FIELD
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    config = _hf_config(model.config, "BertForSequenceClassification", torch.float32)
-    config.update(num_labels=len(label_names), problem_type="single_label_classification",
-                  id2label={str(i): n for i, n in enumerate(label_names)},
-                  label2id={n: i for i, n in enumerate(label_names)})
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    write_hf_tokenizer(tokenizer_dir, out_dir, model.config)
-    tc = os.path.join(out_dir, "tokenizer_config.json")
-    with open(tc, encoding="utf-8") as f:
-        tcfg = json.load(f)
-    tcfg[HF_FINGERPRINT_FIELD] = fingerprint
-    with open(tc, "w", encoding="utf-8") as f:
-        json.dump(tcfg, f, indent=2)
-        f.write("\n")
+    to_hf(model.float(), out_dir, tokenizer_dir, fingerprint=fingerprint, extra_config={
+        "num_labels": len(label_names), "problem_type": "single_label_classification",
+        "id2label": {str(i): n for i, n in enumerate(label_names)},
+        "label2id": {n: i for i, n in enumerate(label_names)}})
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-@dataclass
-class Settings:
-    lr: float | None = None  # None: the DeepSpeed JSON's optimizer.params.lr
-    epochs: int = 3
-    warmup_fraction: float = 0.1
-    max_len: int = 128
-    dropout: float = 0.1
-    seed: int = 42
-    export_hf: bool = False
-
-    def __post_init__(self):
-        if self.lr is not None and not self.lr > 0:
-            raise FinetuneError(f"--lr must be > 0, got {self.lr}")
-        if self.epochs < 1:
-            raise FinetuneError(f"--epochs must be >= 1, got {self.epochs}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise FinetuneError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 <= self.dropout < 1:
-            raise FinetuneError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.max_len < 3:
-            raise FinetuneError(f"--max-len must be >= 3 ([CLS] x [SEP]), got {self.max_len}")
 
 
 @dataclass
@@ -399,22 +340,10 @@ class RunResult:
     batch_size: int = 0
 
 
-def _rank_world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def evaluate_classifier(engine, dev: Encoded, micro_batch: int, pad_id: int) -> dict:
     """Exact dev accuracy and mean loss over all ranks (sums and counts all-reduced, divided once)."""
-    rank, world = _rank_world()
+    rank, world = dist.rank_world()
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # correct, loss_sum, count
     for indices, real in dev_batches(len(dev), micro_batch, rank, world):
@@ -425,108 +354,109 @@ def evaluate_classifier(engine, dev: Encoded, micro_batch: int, pad_id: int) -> 
         loss = F.cross_entropy(logits, labels, reduction="none").double()
         sums += torch.stack([((logits.argmax(-1) == labels).double() * w).sum(), (loss * w).sum(), w.sum()])
     engine.train()
-    sums = _all_reduce(sums.to(engine.device)).cpu()
-    correct, loss_sum, count = sums.tolist()
+    correct, loss_sum, count = dist.all_reduce_sum(sums.tolist(), engine.device)
     return {"accuracy": correct / count, "loss": loss_sum / count, "count": int(count)}
 
 
-def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, settings: Settings, out_dir: str, *,
+def _save_best(engine, model, tokenizer, task: TaskData, cfg: FinetuneConfig, out_dir: str, meta: dict) -> None:
+    """Consolidated fp32 weights of the engine through a DeepSpeed checkpoint (any ZeRO stage and precision,
+    trainer.checkpoint's consolidation) -> out_dir/best (and best_hf). Collective."""
+    from trainer.checkpoint import consolidate_fp32, load_state_into, read_model_states
+
+    ckpt_dir = os.path.join(out_dir, "checkpoint_tmp")
+    engine.save_checkpoint(ckpt_dir, tag="best")
+    dist.barrier()
+    if dist.rank_world()[0] == 0:
+        states = read_model_states(os.path.join(ckpt_dir, "best"))
+        best = BertForSequenceClassification(model.config, model.num_labels)
+        sd, _how = consolidate_fp32(ckpt_dir, "best", states, best)
+        load_state_into(best, sd, ckpt_dir)
+        save_classifier(best, os.path.join(out_dir, "best"), tokenizer, meta)
+        if cfg.train.export_hf:
+            export_classifier_hf(best, os.path.join(out_dir, "best_hf"), os.path.join(out_dir, "best", "tokenizer"),
+                                 task.label_names, tokenizer.fingerprint)
+    dist.barrier()
+
+
+def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, cfg: FinetuneConfig, out_dir: str, *,
              info: dict | None = None) -> RunResult:
-    """One fine-tuning run at settings.lr; collective (every rank calls it). Returns per-epoch dev accuracy
-    and the best; rank 0 writes out_dir (metrics, tensorboard, best/ and optionally best_hf/)."""
-    import deepspeed
+    """One fine-tuning run with the resolved DeepSpeed JSON ``ds_config`` (its lr is the peak); collective
+    (every rank calls it). Returns per-epoch dev accuracy and the best; rank 0 writes out_dir."""
     from tqdm import tqdm
 
+    from trainer.engine import build_engine
     from trainer.metrics import MetricsWriter
-    from trainer.run_dir import consolidate_fp32, load_state_into, read_model_states
     from trainer.schedule import lr_at, set_lr
 
-    rank, world = _rank_world()
-    cfg = prepare_ds_config(ds_config, settings.lr)
-    model = build_classifier(pretrained, len(task.label_names), settings.dropout, settings.seed)
-    weight_decay = float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
-                                                   config=cfg)
-    peak_lr = float(cfg["optimizer"]["params"]["lr"])
+    rank, world = dist.rank_world()
+    t = cfg.train
+    model = build_classifier(pretrained, len(task.label_names), cfg.model.dropout, t.seed)
+    engine = build_engine(model, ds_config)
+    peak_lr = float(ds_config["optimizer"]["params"]["lr"])
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    batch_size = engine.train_batch_size()  # micro x accum x world, as DeepSpeed resolved it
+    batch_size = engine.train_batch_size()  # micro x accum x world, as resolved
 
-    train = encode_split(tokenizer, task.train, settings.max_len)
-    dev = encode_split(tokenizer, task.dev, settings.max_len)
-    micro_per_epoch = len(train_batches(len(train), micro, rank, world, settings.seed, 0))
+    train = encode_split(tokenizer, task.train, cfg.task.max_len)
+    dev = encode_split(tokenizer, task.dev, cfg.task.max_len)
+    micro_per_epoch = len(train_batches(len(train), micro, rank, world, t.seed, 0))
     # Optimizer steps happen every `accum` micro batches, counted across epoch boundaries.
-    total_steps = max(1, settings.epochs * micro_per_epoch // accum)
-    warmup_steps = round(settings.warmup_fraction * total_steps)
+    total_steps = max(1, t.epochs * micro_per_epoch // accum)
+    warmup_steps = round(t.warmup_fraction * total_steps)
 
     writer = MetricsWriter(out_dir, enabled=rank == 0)
-    ckpt_dir = os.path.join(out_dir, "checkpoint_tmp")
-    result = RunResult(lr=peak_lr, out_dir=out_dir, batch_size=batch_size)
     if rank == 0:
+        with open(os.path.join(out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+            json.dump(ds_config, f, indent=2)
         print(f"fine-tune {task.name}: {len(train)} train / {len(dev)} dev examples, {len(task.label_names)} "
               f"labels, batch {batch_size} (micro {micro} x accum {accum} x world {world}), lr {peak_lr:g}, "
-              f"{settings.epochs} epochs = {total_steps} steps, warmup {warmup_steps}", file=sys.stderr)
+              f"{t.epochs} epochs = {total_steps} steps, warmup {warmup_steps}", file=sys.stderr)
+    result = RunResult(lr=peak_lr, out_dir=out_dir, batch_size=batch_size)
     step = 0
     engine.train()
     try:
-        for epoch in range(1, settings.epochs + 1):
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # train loss sum, examples
-            batches = train_batches(len(train), micro, rank, world, settings.seed, epoch)
-            for indices in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs} lr {peak_lr:g}",
+        for epoch in range(1, t.epochs + 1):
+            loss_sum = [0.0, 0.0]  # train loss sum, examples
+            batches = train_batches(len(train), micro, rank, world, t.seed, epoch)
+            for indices in tqdm(batches, desc=f"epoch {epoch}/{t.epochs} lr {peak_lr:g}",
                                 disable=None if rank == 0 else True, leave=False):
                 batch = {k: v.to(engine.device) for k, v in collate(train, indices, tokenizer.pad_id).items()}
                 loss, _logits = engine(**batch)
                 engine.backward(loss)
                 if engine.is_gradient_accumulation_boundary():  # this step() updates the weights
-                    set_lr(optimizer, lr_at(min(engine.global_steps, total_steps - 1), peak_lr,
-                                            warmup_steps, total_steps))
+                    set_lr(engine.optimizer, lr_at(min(engine.global_steps, total_steps - 1), peak_lr,
+                                                   warmup_steps, total_steps))
                 engine.step()
-                loss_sum += torch.tensor([loss.item() * len(indices), len(indices)], dtype=torch.float64)
+                loss_sum = [loss_sum[0] + loss.item() * len(indices), loss_sum[1] + len(indices)]
                 step = engine.global_steps
-            train_loss = _all_reduce(loss_sum.to(engine.device)).cpu()
+            train_loss = dist.all_reduce_sum(loss_sum, engine.device)
             dev_metrics = evaluate_classifier(engine, dev, micro, tokenizer.pad_id)
             acc = dev_metrics["accuracy"]
             result.dev_accuracy.append(acc)
-            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr, "lr": engine.optimizer.param_groups[0]["lr"],
                       "warmup_steps": warmup_steps, "total_steps": total_steps,
-                      "train/loss": train_loss[0].item() / train_loss[1].item(),
+                      "train/loss": train_loss[0] / train_loss[1],
                       "dev/accuracy": acc, "dev/loss": dev_metrics["loss"], "dev/examples": dev_metrics["count"]}
             writer.record(record)
             writer.scalars(step, {k: v for k, v in record.items() if "/" in k or k == "lr"})
             improved = acc > result.best_accuracy
             if improved:
                 result.best_accuracy, result.best_epoch = acc, epoch
-                # Consolidated fp32 weights via a DeepSpeed checkpoint (works for any ZeRO stage and
-                # precision: the fp32 master partitions are merged by DeepSpeed's own API).
-                engine.save_checkpoint(ckpt_dir, tag="best")
-                if tdist.is_available() and tdist.is_initialized():
-                    tdist.barrier()
-                if rank == 0:
-                    states = read_model_states(os.path.join(ckpt_dir, "best"))
-                    best = BertForSequenceClassification(model.config, model.num_labels)
-                    sd, _how = consolidate_fp32(ckpt_dir, "best", states, best)
-                    load_state_into(best, sd, ckpt_dir)
-                    meta = {"task": task.name, "labels": task.label_names, "paired": task.paired,
-                            "max_len": settings.max_len, "lr": peak_lr, "epoch": epoch, "step": step,
-                            "dev_accuracy": acc, "tokenizer_fingerprint": tokenizer.fingerprint, **(info or {})}
-                    save_classifier(best, os.path.join(out_dir, "best"), tokenizer, meta)
-                    if settings.export_hf:
-                        export_classifier_hf(best, os.path.join(out_dir, "best_hf"), os.path.join(out_dir, "best",
-                                             "tokenizer"), task.label_names, tokenizer.fingerprint)
-                if tdist.is_available() and tdist.is_initialized():
-                    tdist.barrier()
+                _save_best(engine, model, tokenizer, task, cfg, out_dir, {
+                    "task": task.name, "labels": task.label_names, "paired": task.paired,
+                    "max_len": cfg.task.max_len, "lr": peak_lr, "epoch": epoch, "step": step, "dev_accuracy": acc,
+                    "tokenizer_fingerprint": tokenizer.fingerprint, **(info or {})})
             if rank == 0:
                 print(f"epoch {epoch}: dev accuracy {acc:.4f} (loss {dev_metrics['loss']:.4f}), train loss "
                       f"{record['train/loss']:.4f}{'  *best*' if improved else ''}", file=sys.stderr)
         result.steps = step
-        final = {"step": step, "best/dev_accuracy": result.best_accuracy, "best/epoch": result.best_epoch,
-                 "lr_peak": peak_lr}
-        writer.record(final)
+        writer.record({"step": step, "best/dev_accuracy": result.best_accuracy, "best/epoch": result.best_epoch,
+                       "lr_peak": peak_lr})
         writer.scalars(step, {"best/dev_accuracy": result.best_accuracy})
     finally:
         writer.close()
-        if rank == 0:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer states: not needed once best/ is written
-        del engine, optimizer
+        if rank == 0:  # optimizer states: not needed once best/ is written
+            shutil.rmtree(os.path.join(out_dir, "checkpoint_tmp"), ignore_errors=True)
+        del engine
         gc.collect()
     if not math.isfinite(result.best_accuracy):
         raise FinetuneError("dev accuracy is not finite")
@@ -544,3 +474,91 @@ def format_results(results: list[RunResult]) -> str:
         mark = " *" if r is best and len(results) > 1 else ""
         lines.append(f"{r.lr:8.0e} {cells} {r.best_accuracy:7.4f} {r.best_epoch:5d}{mark}")
     return "\n".join(lines)
+
+
+def check_tokenizer(tokenizer, meta, allow_mismatch: bool, model_vocab: int) -> None:
+    if tokenizer.vocab_size > model_vocab:
+        raise FinetuneError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_vocab}: "
+                            f"ids would be out of range")
+    if tokenizer.fingerprint == meta.tokenizer_fingerprint:
+        if not meta.fingerprint_recorded:
+            print(f"warning: {meta.path} records no pretraining tokenizer fingerprint; assuming its own "
+                  f"tokenizer files are the pretraining tokenizer", file=sys.stderr)
+        return
+    msg = (f"tokenizer mismatch: fine-tuning tokenizer has fingerprint {tokenizer.fingerprint}, the model "
+           f"{meta.path} was pretrained with {meta.tokenizer_fingerprint}")
+    if not allow_mismatch:
+        raise FinetuneError(msg + "; use the pretraining tokenizer (or --allow-tokenizer-mismatch)")
+    print(f"warning: {msg}; continuing because of --allow-tokenizer-mismatch", file=sys.stderr)
+
+
+def _load_task(cfg: FinetuneConfig, rank: int) -> TaskData:
+    k = cfg.task
+    if k.name is None:
+        return load_local_task(k.train, k.dev, Columns(text=k.text_column, text_b=k.text_b_column or "text_b",
+                                                       label=k.label_column, text_b_explicit=k.text_b_column is not None))
+    if rank != 0:  # rank 0 downloads into the datasets cache first; the others then read the cache
+        dist.barrier()
+    task = load_glue_task(k.name)
+    if rank == 0:
+        dist.barrier()
+    return task
+
+
+def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
+    """Fine-tune as configured: one run per train.sweep_lrs entry (each its own JSON override of the lr),
+    or one at the JSON's lr; prints the table and a summary JSON line (rank 0)."""
+    t0 = time.time()
+    from deepspeed.accelerator import get_accelerator
+
+    from data.tokenizer import load_tokenizer
+    from trainer import config as configs, engine as eng, precision
+    from trainer.checkpoint import load_pretrained
+
+    cfg = configs.load(config_path, [o for o in overrides if not o.startswith("ds.")], FinetuneConfig)
+    ds_raw = eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path,
+                                    configs.parse_overrides([o for o in overrides if o.startswith("ds.")]))
+    world = int(dist.setup_env()["WORLD_SIZE"])
+    device_kind = get_accelerator().device_name()
+    facts = precision.device_facts(device_kind)
+    eng.resolve(ds_raw, ds_path, facts, world)  # refuse a bad JSON before anything is loaded
+    rank, local_rank, world = dist.init()
+    if device_kind == "cuda":
+        get_accelerator().set_device(local_rank)
+    pretrained, own_tokenizer, meta = load_pretrained(cfg.model.path, cfg.model.tag)
+    tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else own_tokenizer
+    check_tokenizer(tokenizer, meta, cfg.model.allow_tokenizer_mismatch, pretrained.config.vocab_size)
+    if cfg.task.max_len > pretrained.config.max_position_embeddings:
+        raise FinetuneError(f"--max-len {cfg.task.max_len} exceeds the model's max_position_embeddings "
+                            f"{pretrained.config.max_position_embeddings} ({cfg.model.path}); pass --max-len "
+                            f"{pretrained.config.max_position_embeddings} or less")
+    task = _load_task(cfg, rank)
+    info = {"pretrained": os.path.abspath(cfg.model.path), "pretrained_tag": meta.tag,
+            "pretraining_tokenizer_fingerprint": meta.tokenizer_fingerprint}
+    sweep = cfg.train.sweep_lrs
+    results = []
+    for lr in sweep or [None]:
+        ds = ds_raw if lr is None else eng.apply_ds_overrides(ds_raw, ds_path, [("ds.optimizer.params.lr", lr)])
+        resolved = eng.resolve(ds, ds_path, facts, world)
+        out = os.path.join(cfg.train.out, f"lr_{lr:g}") if sweep else cfg.train.out
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            print(eng.precision_note(resolved), file=sys.stderr)
+        results.append(finetune(pretrained, tokenizer, task, resolved.ds, cfg, out, info=info))
+    best = max(results, key=lambda r: r.best_accuracy)
+    if rank == 0:
+        summary = {"task": task.name, "best_lr": best.lr, "best_dev_accuracy": best.best_accuracy,
+                   "best_epoch": best.best_epoch, "best_model": os.path.join(best.out_dir, "best"),
+                   "runs": [{"lr": r.lr, "dev_accuracy": r.dev_accuracy, "best": r.best_accuracy,
+                             "best_epoch": r.best_epoch, "steps": r.steps, "batch_size": r.batch_size,
+                             "out": r.out_dir} for r in results]}
+        with open(os.path.join(cfg.train.out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        print(f"dev accuracy ({task.name}, {len(task.dev.labels)} examples):")
+        print(format_results(results))
+        print(f"fine-tuned {task.name}: best dev accuracy {best.best_accuracy:.4f} at lr {best.lr:g} epoch "
+              f"{best.best_epoch} -> {summary['best_model']} ({time.time() - t0:.0f}s)")
+        print(json.dumps(summary))
+    dist.shutdown()
+    return 0

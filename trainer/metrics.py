@@ -1,4 +1,9 @@
-"""Metrics sinks (rank 0 only): TensorBoard scalars + text panels, and ``metrics.jsonl``.
+"""What a run measures and where it goes: exact MLM/NSP sums, FLOPs and MFU, and the sinks (rank 0 only):
+TensorBoard scalars + text panels, and ``metrics.jsonl``.
+
+Exact aggregation: the model returns detached sums and counts per batch (``SUM_KEYS``); they are added over
+batches and ranks and divided once (``summarize``). Averaging per-batch means instead would weight a batch of
+3 predictions like one of 20.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``{"step": N, "loss": ..., ...}``) and one per
 validation (``{"step": N, "val/mlm_loss": ..., ...}``), so runs can be compared by machine. After a resume
@@ -11,7 +16,94 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Optional
+
+import torch
+
+# Detached sums and counts of bert.model.PreTrainingLossOutput, in this order everywhere.
+SUM_KEYS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count")
+
+
+def summarize(sums) -> dict:
+    """Totals of SUM_KEYS (a sequence in that order, over any number of batches and ranks) -> the metrics:
+    ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``."""
+    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, nsp_count = (float(x) for x in sums)
+    mlm_loss = mlm_loss_sum / mlm_count if mlm_count else float("nan")
+    return {
+        "mlm_loss": mlm_loss,
+        "perplexity": math.exp(mlm_loss) if mlm_count and mlm_loss < 700 else float("inf" if mlm_count else "nan"),
+        "mlm_acc": mlm_correct / mlm_count if mlm_count else float("nan"),
+        "nsp_loss": nsp_loss_sum / nsp_count if nsp_count else float("nan"),
+        "nsp_acc": nsp_correct / nsp_count if nsp_count else float("nan"),
+        "samples": int(nsp_count),
+        "predictions": int(mlm_count),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+
+def flop_counts(model) -> dict:
+    """Parameter counts for FLOPs per step (≈ 6 N per token + 12 L H S for attention, REFERENCE's formula).
+
+    ``per_token``: encoder weights, used by every (non-pad) token. ``per_prediction``: the MLM head
+    (transform + the H x V decoder + bias), applied only at masked positions (sparse prediction).
+    ``per_sequence``: pooler + NSP classifier. Embedding lookups are not matmuls and are not counted.
+    """
+    c = model.config
+    enc = sum(p.numel() for p in model.bert.encoder.parameters())
+    head = (sum(p.numel() for p in model.cls.predictions.transform.parameters())
+            + c.vocab_size * c.hidden_size + c.vocab_size)
+    seq = sum(p.numel() for p in model.bert.pooler.parameters()) + sum(
+        p.numel() for p in model.cls.seq_relationship.parameters())
+    return {"per_token": enc, "per_prediction": head, "per_sequence": seq,
+            "layers": c.num_hidden_layers, "hidden": c.hidden_size}
+
+
+def step_flops(fc: dict, tokens: float, predictions: float, sequences: float, seq_len: int) -> float:
+    """Training FLOPs (forward + backward = 3 x forward = 6 per parameter per use) for one micro batch."""
+    return (6.0 * (fc["per_token"] * tokens + fc["per_prediction"] * predictions + fc["per_sequence"] * sequences)
+            + 12.0 * fc["layers"] * fc["hidden"] * seq_len * tokens)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
+                        n: Optional[int] = None) -> float:
+    """Achievable matmul TFLOPS on this device in ``dtype`` (the MFU denominator): 2 n^3 FLOPs per n x n
+    GEMM, the best rate of about eight windows over ``seconds`` (a window slowed by a neighbour on a shared
+    machine would inflate every MFU). Without ``n``, the GEMM is sized from a first quick probe so that one
+    product takes about a tenth of a window: any device, even one that emulates ``dtype``, finishes in time."""
+    g = torch.Generator(device="cpu").manual_seed(0)  # own generator: the global RNG stays untouched
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+
+    def gemm(size):
+        a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+        return a, b
+
+    if n is None:  # probe: 128^3 is 4 MFLOP, ~0.1 ms native and ~5 ms emulated on a CPU
+        a, b = gemm(128)
+        a @ b
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        rate = 2.0 * 128 ** 3 / max(time.perf_counter() - t0, 1e-7)  # FLOP/s
+        n = int((rate * seconds / 80 / 2) ** (1 / 3))  # one GEMM ~ seconds / 80
+        n = max(128, min(8192 if device.type == "cuda" else 2048, n // 128 * 128))
+    a, b = gemm(n)
+    a @ b
+    sync()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        iters, t0 = 0, time.perf_counter()
+        while iters == 0 or time.perf_counter() - t0 < seconds / 8:
+            a @ b
+            iters += 1
+            sync()
+        best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def _jsonable(v):

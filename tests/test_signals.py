@@ -1,0 +1,104 @@
+"""Stopping, for real processes: signals at random moments (the drill), a second signal, a rank whose data
+dies, a rank that hangs. Every run ends by itself with a message naming the rank, the step and the phase;
+nothing waits forever and nothing is left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import REPO, base_env, write_ds, write_run
+from trainer.dist import free_port
+
+pytestmark = pytest.mark.integration
+PRETRAIN = str(REPO / "launcher" / "pretrain.py")
+
+
+def start_ranks(procs, tmp, ds, cfg, *overrides, world=2, name="ranks"):
+    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return [procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
+                        Path(tmp) / f"{name}{r}", env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+
+
+def wait_for(cond, what, ranks, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        assert all(p.poll() is None for p in ranks), f"a rank ended before {what}"
+        time.sleep(0.05)
+
+
+def logged_steps(out):
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if '"loss"' in ln] if path.exists() else []
+
+
+def test_drill_one_signal_at_each_moment_stops_with_a_checkpoint_and_resumes_exactly(train_shards, tmp_path, procs):
+    """scripts/signal_drill.py: SIGTERM/SIGUSR1 to one rank, to its process group, during validation, during a
+    checkpoint save, during the first step; each run exits 0 with a checkpoint and resumes exactly."""
+    report = tmp_path / "drill.json"
+    p = procs.run([sys.executable, REPO / "scripts" / "signal_drill.py", "--shards", train_shards, "--out",
+                   tmp_path / "drill", "--runs", "5", "--seed", "1", "--port", free_port(), "--json", report],
+                  tmp_path / "drill", env=base_env(), timeout=1200, expect=None)
+    res = json.loads(report.read_text())
+    assert p.returncode == 0 and res["failed"] == 0 and res["hangs"] == 0, p.stdout[-4000:]
+    assert [r["moment"] for r in res["results"]] == ["rank", "group", "validation", "save", "first_step"]
+    assert all(r["exit"] == [0, 0] and r["checkpoint"] for r in res["results"])
+
+
+def test_second_sigterm_ends_the_process_at_once(tmp_path, procs):
+    script = tmp_path / "stop.py"
+    script.write_text("import time\nfrom trainer.guards import StopFlag\ns = StopFlag()\ns.install()\nprint('ready', "
+                      "flush=True)\nwhile True:\n    time.sleep(0.05)\n    print(s.requested, flush=True)\n")
+    p = procs.start([sys.executable, script], tmp_path / "stop", env=base_env())
+    wait_for(lambda: "ready" in procs.output(p)[0], "the handler", [p], timeout=60)
+    p.send_signal(signal.SIGTERM)
+    wait_for(lambda: "True" in procs.output(p)[0], "the stop flag", [p], timeout=30)
+    assert p.poll() is None  # the first one only asks for a stop at the next step
+    p.send_signal(signal.SIGTERM)
+    assert procs.wait([p], 30) == [-signal.SIGTERM]  # the second one ends it, by that signal
+
+
+def test_a_dead_data_worker_on_one_rank_stops_every_rank_with_its_message(train_shards, tmp_path, procs):
+    """Workers start from a fork server (never forked from the multi-threaded rank); when rank 1's worker dies,
+    every rank stops at the same step, the last good state is saved, and the message names rank 1."""
+    ds = write_ds(tmp_path, micro=4)
+    out = tmp_path / "run"
+    cfg = write_run(tmp_path, train_shards, out, max_steps=400, log_every=1, save_every=1000)
+    ranks = start_ranks(procs, tmp_path, ds, cfg)
+    wait_for(lambda: len(logged_steps(out)) >= 3, "training", ranks)
+    rank1 = psutil.Process(ranks[1].pid)
+    workers = [c for c in rank1.children(recursive=True) if c.name() == "pt_data_worker"]
+    assert workers and all(w.ppid() != rank1.pid for w in workers)  # forked by the fork server, not the rank
+    workers[-1].kill()
+    codes = procs.wait(ranks, 120)
+    out0, err0 = procs.output(ranks[0])
+    assert codes == [2, 2], err0[-3000:]
+    stopped = max(logged_steps(out))
+    assert f"stopping at step {stopped}: the data failed on 1 rank(s)" in err0 and "rank 1: " in err0
+    assert "exited unexpectedly" in err0 and "Traceback" not in err0
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"  # the last good state
+
+
+def test_a_hung_rank_makes_the_other_time_out_naming_rank_step_and_phase(train_shards, tmp_path, procs):
+    """SIGSTOP on rank 1 (a hang): rank 0's next collective times out after train.collective_timeout and it
+    exits non-zero, saying which rank, step and phase, and the last good checkpoint."""
+    ds = write_ds(tmp_path, micro=4)
+    out = tmp_path / "run"
+    cfg = write_run(tmp_path, train_shards, out, max_steps=400, log_every=1, save_every=2, collective_timeout=8)
+    ranks = start_ranks(procs, tmp_path, ds, cfg)
+    wait_for(lambda: len(logged_steps(out)) >= 3, "training", ranks)
+    os.killpg(ranks[1].pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    assert procs.wait([ranks[0]], 120) == [4]
+    assert time.monotonic() - t0 < 60  # the bound, not forever
+    err = procs.output(ranks[0])[1]
+    assert "[rank 0] error: a collective failed during " in err and " at step " in err, err[-3000:]
+    assert "last good checkpoint: " + str(out / "checkpoints" / "step_") in err
+    os.killpg(ranks[1].pid, signal.SIGKILL)  # (the procs fixture would too)

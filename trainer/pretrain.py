@@ -1,0 +1,198 @@
+"""Pretraining: build every component from the DeepSpeed JSON and the run YAML, then hand them to the Trainer.
+
+Sources of values: batch sizes, optimizer (and its peak lr), gradient clipping and precision come from the
+DeepSpeed JSON (resolved for this device and world size by trainer.engine) and are read back from the
+engine; everything else comes from the run YAML (trainer.config). What can be checked cheaply is checked
+before anything expensive starts: configs, shards against the model, the batch arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+from data import shards as shard_io
+from trainer import checkpoint, config as run_config, dist, engine as eng, precision
+from trainer.config import RunConfig
+from trainer.errors import ConfigError
+from trainer.guards import StopFlag
+
+
+def log(rank: int, msg: str) -> None:
+    """Rank 0 prints; through tqdm.write so a line never lands inside the progress bar's line."""
+    if rank == 0:
+        from tqdm import tqdm
+
+        tqdm.write(f"[pretrain] {msg}", file=sys.stdout)
+        sys.stdout.flush()
+
+
+def check_shards(manifest: dict, where: str, model_cfg, expected_format: int) -> None:
+    """Refuse shards the model cannot read, showing both sides."""
+    fv = manifest.get("format_version")
+    if fv != expected_format:
+        raise ConfigError(f"{where}: shard format_version {fv} but this code reads format_version {expected_format}; "
+                          f"rebuild the shards with `python -m data.build`")
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("vocab_size") != model_cfg.vocab_size:
+        raise ConfigError(f"{where}: shards' tokenizer has vocab_size {tok.get('vocab_size')} (fingerprint "
+                          f"{tok.get('fingerprint')}) but the model has vocab_size {model_cfg.vocab_size}")
+    seq = (manifest.get("settings") or {}).get("max_seq_len")
+    if not isinstance(seq, int) or seq > model_cfg.max_position_embeddings:
+        raise ConfigError(f"{where}: shards' max_seq_len is {seq} but the model's max_position_embeddings is "
+                          f"{model_cfg.max_position_embeddings}")
+
+
+def check_same_tokenizer(a: dict, a_where: str, b: dict, b_where: str) -> None:
+    fa, fb = (a.get("tokenizer") or {}).get("fingerprint"), (b.get("tokenizer") or {}).get("fingerprint")
+    if fa != fb:
+        raise ConfigError(f"tokenizer mismatch: {a_where} has fingerprint {fa}, {b_where} has {fb}")
+
+
+def load_configs(ds_path: str, config_path: str, overrides: list[str]) -> tuple[RunConfig, dict]:
+    """The run config (YAML + ``key.sub=value`` overrides) and the raw DeepSpeed JSON (+ ``ds.`` overrides)."""
+    cfg = run_config.load(config_path, [o for o in overrides if not o.startswith("ds.")])
+    ds_overrides = run_config.parse_overrides([o for o in overrides if o.startswith("ds.")])
+    return cfg, eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path, ds_overrides)
+
+
+def _write_run_files(output_dir: str, cfg: RunConfig, ds_cfg: dict, model_cfg, train_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(run_config.dump_yaml(cfg))
+    with open(os.path.join(output_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+        json.dump(ds_cfg, f, indent=2)
+    with open(os.path.join(output_dir, "model_config.json"), "w", encoding="utf-8") as f:
+        json.dump(model_cfg.to_dict(), f, indent=2)
+    src = os.path.join(train_dir, "tokenizer")
+    if os.path.isdir(src):
+        shutil.copytree(src, os.path.join(output_dir, "tokenizer"), dirs_exist_ok=True)
+
+
+def _init_weights(model, init_from: Optional[str], fingerprint: str, rank: int) -> None:
+    """train.init_from: weights only (phase 2 from phase 1), from the same tokenizer."""
+    client = checkpoint.load_weights(model, init_from)
+    if client.get("tokenizer_fingerprint") != fingerprint:
+        raise ConfigError(f"train.init_from={init_from}: checkpoint tokenizer fingerprint "
+                          f"{client.get('tokenizer_fingerprint')} but the shards' is {fingerprint}")
+    log(rank, f"initialised weights from {init_from} (step {client.get('step')}); optimizer, schedule and data "
+              f"position start fresh")
+
+
+def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
+    """Pretrain as configured; returns the exit status (0 done or stopped on a signal with a checkpoint)."""
+    stop = StopFlag()
+    stop.install()  # from the first moment: a SIGTERM during start-up stops at the first step boundary
+    cfg, ds_raw = load_configs(ds_path, config_path, overrides)
+    from deepspeed.accelerator import get_accelerator
+
+    from bert import BertForPreTraining
+    from data.loader import PretrainLoader
+    from trainer.evaluation import Validator
+    from trainer.metrics import MetricsWriter, flop_counts, measure_peak_tflops
+    from trainer.trainer import RunInfo, Trainer
+
+    # Shards, model and batch arithmetic must agree before anything expensive happens.
+    t, d = cfg.train, cfg.data
+    valid_dir = d.valid or d.train
+    train_manifest = shard_io.read_manifest(d.train)
+    valid_manifest = shard_io.read_manifest(valid_dir) if valid_dir != d.train else train_manifest
+    try:
+        model_cfg = cfg.bert_config(vocab_size=train_manifest["tokenizer"]["vocab_size"])
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: model: {e}") from None
+    check_shards(train_manifest, f"data.train={d.train}", model_cfg, shard_io.FORMAT_VERSION)
+    if valid_dir != d.train:
+        check_shards(valid_manifest, f"data.valid={valid_dir}", model_cfg, shard_io.FORMAT_VERSION)
+        check_same_tokenizer(train_manifest, f"data.train={d.train}", valid_manifest, f"data.valid={valid_dir}")
+    fingerprint = train_manifest["tokenizer"]["fingerprint"]
+    device_kind = get_accelerator().device_name()  # "cuda", "cpu", ...
+    world = int(dist.setup_env()["WORLD_SIZE"])
+    resolved = eng.resolve(ds_raw, ds_path, precision.device_facts(device_kind), world)
+    ckpt_dir = os.path.join(t.output_dir, "checkpoints")
+    resume_from = checkpoint.resolve_resume(t.resume, ckpt_dir)
+
+    rank, local_rank, world = dist.init(t.collective_timeout)
+    log(rank, eng.precision_note(resolved))
+    if device_kind == "cuda":
+        get_accelerator().set_device(local_rank)
+    elif device_kind == "cpu":
+        from trainer import cpu
+
+        log(rank, cpu.configure_allocator())
+        log(rank, cpu.workarounds())
+
+    # Same seed on every rank for the weights (DeepSpeed also broadcasts rank 0's), then per-rank streams
+    # for dropout so ranks do not drop the same units.
+    checkpoint.seed_all(t.seed)
+    model = BertForPreTraining(model_cfg)
+    if t.init_from and resume_from is not None:
+        log(rank, f"train.init_from={t.init_from} ignored: resuming this run's own checkpoint instead")
+    elif t.init_from:
+        _init_weights(model, t.init_from, fingerprint, rank)
+    checkpoint.seed_all(t.seed + 1000 * rank)
+    flops = flop_counts(model)
+    engine = eng.build_engine(model, resolved.ds)
+    if rank == 0:
+        _write_run_files(t.output_dir, cfg, resolved.ds, model_cfg, d.train)
+    warmup = run_config.warmup_steps(t)
+    peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
+    log(rank, f"model {cfg.model.get('preset')} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+              f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, {resolved.batch}, peak lr "
+              f"{peak_lr:g}, warmup {warmup} of {t.max_steps} steps")
+    log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
+
+    micro = resolved.batch.micro
+    loader_kw = dict(rank=rank, world_size=world, seed=t.seed, num_workers=d.num_workers,
+                     max_bad_samples=d.max_bad_samples)
+    try:
+        loader = PretrainLoader(d.train, "train", micro, shuffle=True, loop=True,
+                                dynamic_masking=d.dynamic_masking, **loader_kw)
+    except ValueError as e:
+        raise ConfigError(f"data.train: {e}") from None
+
+    def valid_loader():
+        try:
+            return PretrainLoader(valid_dir, "valid", micro, shuffle=False, loop=False, **loader_kw)
+        except ValueError as e:
+            raise ConfigError(f"validation data {valid_dir}: {e}") from None
+
+    meta = {"run_config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "ds_config": resolved.ds,
+            "tokenizer_fingerprint": fingerprint, "max_seq_len": train_manifest["settings"]["max_seq_len"],
+            "format_version": train_manifest["format_version"]}
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta)
+    state = checkpointer.load(engine, resume_from) if resume_from is not None else None
+    metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None)
+    validate = None
+    if (valid_manifest["splits"]["valid"]["samples"] or 0) > 0:
+        from data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(os.path.join(d.train, "tokenizer")) if rank == 0 else None
+        validate = Validator(engine, valid_loader, metrics, max_batches=t.eval_batches, tokenizer=tokenizer,
+                             pad_id=train_manifest["tokenizer"]["pad_id"], n_examples=t.eval_examples,
+                             log=lambda m: log(rank, m))
+    else:
+        log(rank, f"{valid_dir} has no valid split samples: validation is off for this run")
+    peak_tflops = t.peak_tflops
+    if peak_tflops is None:
+        peak_tflops = measure_peak_tflops(engine.device, eng.torch_dtype(resolved.precision))
+        log(rank, f"measured matmul peak {peak_tflops:.3f} TFLOPS per rank ({resolved.precision}) for MFU; set "
+                  f"train.peak_tflops to use the device's datasheet value")
+    info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
+                   peak_lr=peak_lr, warmup=warmup, peak_tflops=peak_tflops, flops=flops, ds_path=ds_path,
+                   min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
+    trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, validate=validate,
+                      stop=stop, log=lambda m: log(rank, m))
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as e:
+            raise ConfigError(f"resume from {state['path']}: {e}") from None
+        log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
+                  f"{trainer.tokens_seen} tokens seen)")
+    elif t.resume == "auto":
+        log(rank, f"no checkpoint in {ckpt_dir}: starting from step 0")
+    return trainer.train()

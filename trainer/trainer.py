@@ -1,0 +1,269 @@
+"""The one pretraining loop, over components built elsewhere (trainer.pretrain builds them).
+
+``Trainer.state_dict()`` / ``load_state_dict()`` hold everything a resume needs besides the engine's own
+state: the step and sample/token counters, this rank's loader position and its RNG streams. Nothing in the
+order of construction matters: the loader's workers draw no seed from the global RNG, so the state can be
+restored before or after anything else.
+
+A step: the batches of step N are fetched first; then every rank agrees (``guards.agree``: one tiny
+all_reduce) on whether some rank's data failed, a stop was requested or the last loss was not finite; only
+then does any rank enter the step's collectives. So a rank whose data broke never leaves the others waiting:
+all of them stop at the same step, save the last good state and say why. Every collective is bounded
+(trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from trainer import checkpoint, dist
+from trainer.config import TrainConfig
+from trainer.engine import loss_scale
+from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree
+from trainer.metrics import SUM_KEYS, MetricsWriter, step_flops
+from trainer.schedule import lr_at, set_lr
+
+EXIT_OK, EXIT_DATA, EXIT_NONFINITE, EXIT_COLLECTIVE = 0, 2, 3, 4
+
+
+@dataclass
+class RunInfo:
+    """Fixed facts of the run that the loop reports."""
+
+    rank: int
+    world: int
+    precision: str
+    global_batch: int
+    peak_lr: float
+    warmup: int
+    peak_tflops: float  # per rank, for MFU
+    flops: dict  # trainer.metrics.flop_counts of the model
+    ds_path: str  # where the peak lr comes from (named in the non-finite message)
+    min_loss_scale: float = 1.0  # fp16's floor (the JSON's fp16.min_loss_scale)
+
+
+@dataclass
+class Window:
+    """Sums since the last log line; reduced over ranks when logged."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    sums: list = field(default_factory=lambda: [0.0] * len(SUM_KEYS))
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    keys: list = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
+                 checkpointer: checkpoint.Checkpointer, validate: Optional[Callable[[int], None]] = None,
+                 stop: Optional[StopFlag] = None, log: Callable[[str], None] = print):
+        self.engine, self.loader, self.cfg, self.info = engine, loader, cfg, info
+        self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
+        self.step = self.samples_seen = self.tokens_seen = 0
+        self.phase = "start"
+        self.stop = stop or StopFlag()
+        self.guard = NonFiniteGuard(info.precision, cfg.max_nonfinite, info.min_loss_scale)
+        self._data_state = loader.state_dict()  # position at the last step boundary (what a checkpoint holds)
+        self._stream = None
+        self._last_eval = -1
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                "data_state": self._data_state, "rng": checkpoint.rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.samples_seen, self.tokens_seen = sd["step"], sd["samples_seen"], sd["tokens_seen"]
+        self.loader.load_state_dict(sd["data_state"])
+        self._data_state = self.loader.state_dict()
+        checkpoint.set_rng_state(sd["rng"])
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Train to cfg.max_steps or to an agreed stop; returns the process exit status."""
+        try:
+            return self._train()
+        except Exception as e:  # noqa: BLE001 - a failed collective is reported, anything else re-raised
+            if not dist.is_collective_failure(e):
+                raise
+            print(f"[rank {self.info.rank}] error: a collective failed during {self.phase} at step {self.step} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]}): another rank stopped or hung (see its "
+                  f"message) or the bound train.collective_timeout passed; last good checkpoint: "
+                  f"{self.checkpointer.last_saved or 'none'}", file=sys.stderr, flush=True)
+            return EXIT_COLLECTIVE
+
+    def _train(self) -> int:
+        t, start, t_start = self.cfg, self.step, time.perf_counter()
+        self.stop.install()  # (again: trainer.pretrain installs it before the slow start-up)
+        self._stream = iter(self.loader)
+        batches, error = self._fetch()
+        verdict = agree(self.stop.requested, None, error, self.engine.device)
+        if not verdict.halt and self.step == 0 and t.eval_every > 0:
+            self._validate()  # the starting point, so the curve shows where accuracy began
+        win, train_time = Window(), 0.0
+        from tqdm import tqdm
+
+        with tqdm(total=t.max_steps, initial=self.step, disable=self.info.rank != 0, desc="pretrain", unit="step",
+                  dynamic_ncols=True, mininterval=1.0, file=sys.stdout) as bar:
+            while self.step < t.max_steps and not verdict.halt:
+                self.phase = "training step"
+                lr = lr_at(self.step, self.info.peak_lr, self.info.warmup, t.max_steps)
+                set_lr(self.engine.optimizer, lr)
+                fatal = self._train_step(batches, win)
+                self.step += 1
+                bar.update(1)
+                self._data_state = self.loader.state_dict()  # before the next step's batches are fetched
+                batches, error = self._fetch()
+                verdict = agree(self.stop.requested, fatal, error, self.engine.device)
+                if verdict.fatal:
+                    break
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    train_time += self._log(win, lr, bar)
+                    win = Window()
+                if t.eval_every > 0 and self.step % t.eval_every == 0:
+                    train_time += self._fold(win)
+                    self._validate()
+                    win.t0 = time.perf_counter()  # throughput excludes validation and checkpoint time
+                if self.step % t.save_every == 0 or verdict.halt:
+                    train_time += self._fold(win)
+                    self._save()
+                    win.t0 = time.perf_counter()
+        if not verdict.fatal:  # the end, or a stop before the first step: a checkpoint of where it is
+            if not verdict.halt:
+                train_time += self._fold(win)
+                if self._last_eval != self.step:
+                    self._validate()
+            if checkpoint.tag_for(self.step) != os.path.basename(self.checkpointer.last_saved or ""):
+                self._save()
+        return self._finish(verdict, self.step - start, time.perf_counter() - t_start, train_time)
+
+    def _fetch(self) -> tuple[list[dict], Optional[str]]:
+        """The next step's micro-batches (accumulation of them), or the error that prevented it."""
+        self.phase = "data loading"
+        try:
+            return [next(self._stream) for _ in range(self.engine.gradient_accumulation_steps())], None
+        except Exception as e:  # noqa: BLE001 - any failure of this rank's data stops every rank together
+            from data.errors import UserError
+
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            return [], f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+
+    def _train_step(self, batches: list[dict], win: Window) -> Optional[str]:
+        """Forward/backward over the step's micro-batches and the optimizer step; returns a fatal reason."""
+        loss_finite = True
+        keys = []
+        for batch in batches:
+            keys.extend(batch["keys"])
+            tensors = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()
+                       if k not in ("keys", "is_padding")}
+            out = self.engine(**tensors)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            # One device->host transfer per micro-batch (not one per number: each is a sync on a GPU).
+            loss, *sums, n_tok, n_pred = torch.stack(
+                [out.loss.detach().float(), *(getattr(out, k).float() for k in SUM_KEYS),
+                 tensors["attention_mask"].sum().float(), tensors["masked_lm_weights"].sum().float()]).tolist()
+            loss_finite &= math.isfinite(loss)
+            n_seq, seq_len = tensors["input_ids"].shape
+            win.loss_sum += loss
+            win.micro_batches += 1
+            win.sums = [a + b for a, b in zip(win.sums, sums)]
+            win.samples += n_seq
+            win.tokens += int(n_tok)
+            win.flops += step_flops(self.info.flops, n_tok, n_pred, n_seq, seq_len)
+        win.keys.append(keys)
+        fp16 = self.info.precision == "fp16"
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False)) if fp16 else False
+        return self.guard.update(loss_finite, overflow, loss_scale(self.engine) if fp16 else None)
+
+    # --- pieces of the loop ----------------------------------------------------------------------
+    def _fold(self, win: Window) -> float:
+        """Add the unlogged part of the window to the counters (so a checkpoint holds exact totals);
+        returns its training time."""
+        if not win.micro_batches:
+            return 0.0
+        samples, tokens = (int(x) for x in dist.all_reduce_sum([win.samples, win.tokens], self.engine.device))
+        self.samples_seen += samples
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - win.t0
+        win.__init__()
+        return elapsed
+
+    def _log(self, win: Window, lr: float, bar) -> float:
+        elapsed = time.perf_counter() - win.t0
+        stats = self.loader.stats
+        stat_keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        red = dist.all_reduce_sum([win.loss_sum, win.micro_batches, win.samples, win.tokens, win.flops, *win.sums,
+                                   *(float(stats[k]) for k in stat_keys)], self.engine.device)
+        loss_sum, micro_batches, samples, tokens, flops = red[:5]
+        s = dict(zip(SUM_KEYS, red[5:5 + len(SUM_KEYS)]))
+        self.samples_seen += int(samples)
+        self.tokens_seen += int(tokens)
+        grad_norm = self.engine.get_global_grad_norm()
+        tflops = flops / max(elapsed, 1e-9) / 1e12
+        rec = {"step": self.step, "loss": loss_sum / max(micro_batches, 1),
+               "mlm_loss": s["mlm_loss_sum"] / max(s["mlm_count"], 1.0),
+               "nsp_loss": s["nsp_loss_sum"] / max(s["nsp_count"], 1.0),
+               "mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1.0),
+               "nsp_acc": s["nsp_correct"] / max(s["nsp_count"], 1.0), "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "samples_per_s": samples / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
+               "tflops": tflops, "mfu": tflops / (self.info.peak_tflops * self.info.world),
+               "skipped_steps": int(self.engine.skipped_steps),
+               "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+        if self.info.precision == "fp16":
+            rec["loss_scale"] = loss_scale(self.engine)
+        rec.update({f"data/{k}": v for k, v in zip(stat_keys, red[5 + len(SUM_KEYS):])})
+        if self.cfg.log_batch_keys:
+            rec["keys"] = dist.all_gather_object(win.keys[-1] if win.keys else [])
+        self.metrics.scalars(self.step, {k: v for k, v in rec.items() if k not in ("step", "keys")}, prefix="train/")
+        self.metrics.record(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        return elapsed
+
+    def _validate(self) -> None:
+        self.phase = "validation"
+        self._last_eval = self.step
+        if self.validate_fn is not None:
+            self.validate_fn(self.step)
+
+    def _save(self) -> None:
+        self.phase = "checkpoint save"
+        self.checkpointer.save(self.engine, self.state_dict())
+
+    def _finish(self, verdict: Verdict, steps: int, wall: float, train_time: float) -> int:
+        self.phase = "shutdown"
+        self.metrics.flush()
+        last = self.checkpointer.last_saved or "none (no checkpoint saved yet)"
+        if verdict.fatal:
+            print(f"error: stopping at step {self.step}: {verdict.fatal}. The bad state was NOT saved; last good "
+                  f"checkpoint: {last}. Lower the peak lr in {self.info.ds_path} or check the data, then resume "
+                  f"from it.", file=sys.stderr, flush=True)
+        elif verdict.data_errors:
+            if self.info.rank == 0:
+                print(f"error: stopping at step {self.step}: the data failed on {len(verdict.data_errors)} rank(s):\n  "
+                      + "\n  ".join(verdict.data_errors) + f"\nSaved the last good state: {last}; fix the data, "
+                      f"then run the same command to resume.", file=sys.stderr, flush=True)
+        elif verdict.stop:
+            self.log(f"stop requested (signal {self.stop.signum or 'on another rank'}): saved {last} at step "
+                     f"{self.step}; run the same command to resume")
+        self.metrics.close()
+        self.log(f"done: {steps} steps ({self.step}/{self.cfg.max_steps}) in {wall:.0f}s, "
+                 f"{steps * self.info.global_batch / max(train_time, 1e-9):.1f} samples/s; checkpoint {last}; "
+                 f"logs {self.metrics.path}; tensorboard --logdir {self.metrics.tb_dir}")
+        if verdict.fatal or verdict.data_errors:
+            return EXIT_NONFINITE if verdict.fatal else EXIT_DATA
+        dist.shutdown()
+        return EXIT_OK
