@@ -185,6 +185,7 @@ log_tails() {
 up() {
   need_root
   [[ $NODES =~ ^[1-9]$ ]] || die "LOCAL_SLURM_NODES=$NODES: 1 to 9 nodes"
+  [[ -w $HOSTS_FILE ]] || die "$HOSTS_FILE is not writable: the node names could not be added"
   down_all
   local dir i
   dir=$(mktemp -d "$ROOT/$PREFIX.XXXXXX")

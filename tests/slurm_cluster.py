@@ -13,6 +13,7 @@ of the slurmctld/slurmd logs.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -66,10 +67,27 @@ class LocalSlurm:
         return cls(Path(m.group(1)))
 
     @staticmethod
-    def down() -> None:
+    def down(conf: Optional[Path] = None) -> None:
         r = subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"scripts/local_slurm.sh down failed:\n{r.stdout}\n{r.stderr}")
+        if conf is None:
+            return
+        # nothing of it may be left: no process, no tagged /etc/hosts line, no folder
+        left = []
+        want = f"SLURM_CONF={conf}".encode()
+        for env in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if want in env.read_bytes().split(b"\0") and int(env.parent.name) != os.getpid():
+                    left.append(f"process {env.parent.name}: {(env.parent / 'cmdline').read_bytes()[:120]!r}")
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+        if any(line.rstrip().endswith("# bert-local-slurm") for line in Path("/etc/hosts").read_text().splitlines()):
+            left.append("tagged lines in /etc/hosts")
+        if conf.parent.exists():
+            left.append(f"folder {conf.parent}")
+        if left:
+            raise RuntimeError("scripts/local_slurm.sh down left: " + "; ".join(left))
 
     # -- commands --------------------------------------------------------------------------------------
     def env(self, base: Optional[dict] = None, **extra) -> dict:
@@ -178,6 +196,15 @@ class LocalSlurm:
         for j in active:
             self.wait_done(j, timeout)
 
+    @contextlib.contextmanager
+    def cancel_on_error(self):
+        """For fixtures wider than a test: if the block fails, their jobs must not run on into the next test."""
+        try:
+            yield
+        except BaseException:
+            self.cancel_all()
+            raise
+
     def ctld_log(self) -> str:
         return (self.logs / "slurmctld.log").read_text(errors="replace")
 
@@ -219,8 +246,8 @@ def slurm_cluster():
     try:
         yield _cluster
     finally:
-        _cluster = None
-        LocalSlurm.down()
+        conf, _cluster = _cluster.conf, None
+        LocalSlurm.down(conf)
 
 
 @pytest.fixture

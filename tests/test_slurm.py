@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_cluster import LocalSlurm, slurm, slurm_cluster, tail  # noqa: F401  (fixtures)
+from slurm_cluster import FINAL_STATES, LocalSlurm, slurm, slurm_cluster, tail  # noqa: F401  (fixtures)
 from trainer import dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,7 +429,7 @@ def wait_step(slurm: LocalSlurm, metrics: Path, step: int, job: str, log: Path, 
         if time.monotonic() - last_check[0] > 1.0:  # the job's state once a second, the file every 50 ms
             last_check[0] = time.monotonic()
             state = slurm.state(job)
-            if state not in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+            if state in FINAL_STATES:
                 raise AssertionError(f"job {job} ended ({state}) before step {step}\n{tail(log)}")
         return None
     return slurm.wait_for(f"step {step} in {metrics}", reached, timeout, files=[log], every=0.05)
@@ -448,11 +448,12 @@ def reference(slurm_cluster, train_setup) -> dict:
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
                         "--signal=USR1@120", f"--output={log}", str(SLURM / "large.sh")], env)
     m1 = out / "phase1" / "metrics.jsonl"
-    t_first = wait_step(slurm, m1, 1, job, log)
-    pids = {n: slurm.listpids(job, n) for n in ("node1", "node2")}  # step 0 = phase 1's ranks, while running
-    t_last = wait_step(slurm, m1, P1_STEPS, job, log)
-    rec = slurm.wait_done(job, JOB_WAIT, files=[log])
-    assert rec["JobState"] == "COMPLETED", tail(log, 80)
+    with slurm.cancel_on_error():
+        t_first = wait_step(slurm, m1, 1, job, log)
+        pids = {n: slurm.listpids(job, n) for n in ("node1", "node2")}  # step 0 = phase 1's ranks, while running
+        t_last = wait_step(slurm, m1, P1_STEPS, job, log)
+        rec = slurm.wait_done(job, JOB_WAIT, files=[log])
+        assert rec["JobState"] == "COMPLETED", tail(log, 80)
     start = time.mktime(time.strptime(rec["StartTime"], "%Y-%m-%dT%H:%M:%S"))
     return {"job": job, "rec": rec, "log": log, "out": out, "pids": pids,
             "p1": train_records(m1), "p2": train_records(out / "phase2" / "metrics.jsonl"),
@@ -482,28 +483,39 @@ def chain(slurm_cluster, train_setup, reference) -> dict:
     slurm = slurm_cluster
     out = train_setup["dir"] / "chain"
     jobs = submit(slurm, "large.sh", train_env(slurm, train_setup, out), phases=2)
-    p1, p2 = jobs["1"], jobs["2"]
     logs = {n: out / "logs" / f"bert-large-phase{n}-{jobs[n]}.out" for n in "12"}
-    m1 = out / "phase1" / "metrics.jsonl"
     seen = []  # (phase-1 state, phase-2 state, phase-2 reason) until phase 1 is done
+    with slurm.cancel_on_error():
+        return _drive_chain(slurm, jobs, logs, out, seen)
 
-    def look():
+
+def _drive_chain(slurm: LocalSlurm, jobs: dict, logs: dict, out: Path, seen: list) -> dict:
+    p1, p2 = jobs["1"], jobs["2"]
+    m1 = out / "phase1" / "metrics.jsonl"
+
+    def look():  # phase 1's record; phase 2's state noted on the way
         r1, r2 = slurm.job(p1), slurm.job(p2)
         seen.append((r1["JobState"], r2["JobState"], r2["Reason"]))
         return r1
+
+    def running_again():
+        r1 = look()
+        return r1["JobState"] == "RUNNING" and r1["Restarts"] == "1"
+
+    def ended():
+        r1 = look()
+        return r1 if r1["JobState"] in FINAL_STATES else None
 
     wait_step(slurm, m1, 5, p1, logs["1"])
     look()
     slurm.cmd("scontrol", "requeue", p1)
     requeued_at = max_step(m1)
-    slurm.wait_for(f"job {p1} to run again", lambda: (lambda r: r["JobState"] == "RUNNING" and r["Restarts"] == "1")(
-        look()), JOB_WAIT, files=[logs["1"]], every=0.5)
+    slurm.wait_for(f"job {p1} to run again", running_again, JOB_WAIT, files=[logs["1"]], every=0.5)
     wait_step(slurm, m1, 15, p1, logs["1"])
     look()
     slurm.cmd("scancel", "--signal=TERM", p1)
     termed_at = max_step(m1)
-    rec1 = slurm.wait_for(f"phase 1 (job {p1}) to end", lambda: (lambda r: r if r["JobState"] in (
-        "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None)(look()), JOB_WAIT, files=[logs["1"]], every=0.5)
+    rec1 = slurm.wait_for(f"phase 1 (job {p1}) to end", ended, JOB_WAIT, files=[logs["1"]], every=0.5)
     rec2 = slurm.wait_done(p2, JOB_WAIT, files=[logs["2"]])
     return {"jobs": jobs, "logs": logs, "out": out, "rec1": rec1, "rec2": rec2, "seen": seen,
             "requeued_at": requeued_at, "termed_at": termed_at}
