@@ -26,6 +26,19 @@ if ! .venv/bin/python -c "import sys; from trainer.cpu import find_tcmalloc; sys
              "'sudo apt-get install libtcmalloc-minimal4' or 'conda install -c conda-forge gperftools'"
     fi
 fi
+# Slurm for tests/test_slurm.py, which runs slurm/*.sh against a private two-node cluster on this machine
+# (scripts/local_slurm.sh: real slurmctld + slurmd, no munge). Installed when we may, like tcmalloc.
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                slurm-wlm; }; } >/dev/null 2>&1 ||
+            echo "setup: apt-get could not install slurm-wlm; the real-Slurm tests in tests/test_slurm.py will be skipped"
+    else
+        echo "setup: Slurm not found; the real-Slurm tests in tests/test_slurm.py need root and" \
+             "'apt-get install slurm-wlm' (they are skipped otherwise)"
+    fi
+fi
 ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.cpu import find_tcmalloc as f
 print("torch", v("torch"), "deepspeed", v("deepspeed"), "- CPU host allocator:", "tcmalloc" if f() else "glibc")')
 echo "setup: .venv ready ($ready)"

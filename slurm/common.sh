@@ -81,7 +81,9 @@ setup_environment() {
   #   export NCCL_IB_HCA=mlx5              # which InfiniBand adapters to use
   #   export NCCL_IB_DISABLE=0             # 1 only on clusters without InfiniBand (forces TCP sockets)
   #   export NCCL_NET_GDR_LEVEL=PHB        # GPUDirect RDMA when GPU and NIC share a PCIe host bridge
-  #   export GLOO_SOCKET_IFNAME=ib0        # the same for gloo (CPU collectives)
+  #   export GLOO_SOCKET_IFNAME=eth0       # the same for gloo (CPU collectives); needed where the host name
+  #                                        # resolves to a loopback address (Debian's "127.0.1.1 host" line)
+  #                                        # and the nodes are separate machines
   export PYTHONUNBUFFERED=1  # log lines reach the per-job log file as they happen
   PYTHON=${PYTHON:-python}
   DEEPSPEED=${DEEPSPEED:-deepspeed}
@@ -106,25 +108,79 @@ job_hosts() {
   scontrol show hostnames "$SLURM_JOB_NODELIST"
 }
 
-# resolve_allocation: HOSTS (array), NNODES, TASKS_PER_NODE, WORLD, MASTER_ADDR, MASTER_PORT (exported).
+# allocation_tasks_per_node: tasks per node of this job. sbatch sets SLURM_NTASKS_PER_NODE only when
+# --ntasks-per-node was given; SLURM_TASKS_PER_NODE is always there ("2(x4)": 2 on each of 4 nodes).
+allocation_tasks_per_node() {
+  if [[ -n ${SLURM_NTASKS_PER_NODE:-} ]]; then
+    echo "$SLURM_NTASKS_PER_NODE"
+  elif [[ ${SLURM_TASKS_PER_NODE:-} =~ ^([0-9]+)(\(x[0-9]+\))?$ ]]; then
+    echo "${BASH_REMATCH[1]}"
+  elif [[ -n ${SLURM_TASKS_PER_NODE:-} ]]; then
+    die "the allocation has a different number of tasks on each node ($SLURM_TASKS_PER_NODE): submit with --ntasks-per-node"
+  else
+    echo "${TASKS_PER_NODE:-1}"
+  fi
+}
+
+# resolve_allocation: HOSTS (array), NNODES, TASKS_PER_NODE, WORLD, CPUS_PER_TASK, MASTER_ADDR, MASTER_PORT
+# (exported). Inside a job the allocation is the truth: the wrappers' defaults (NODES, GPUS_PER_NODE,
+# CPUS_PER_TASK) only shape what the submitter asks for, so `sbatch -c 2 slurm/large.sh` starts its tasks with
+# 2 CPUs, not the wrapper's 8 (which srun would refuse: more CPUs per task than the job has).
 resolve_allocation() {
   local listing
   listing=$(job_hosts) || die "cannot expand the node list '${SLURM_JOB_NODELIST:-}' with scontrol"
   mapfile -t HOSTS <<<"$listing"
   NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-${NODES:-1}}}
-  # One task per GPU: the allocation's tasks per node, else the GPUs we asked for.
-  TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-1}}
+  TASKS_PER_NODE=$(allocation_tasks_per_node)
   [[ $NNODES =~ ^[0-9]+$ && $TASKS_PER_NODE =~ ^[0-9]+$ ]] ||
     die "nodes ($NNODES) and tasks per node ($TASKS_PER_NODE) must be integers"
   ((${#HOSTS[@]} == NNODES)) ||
     die "the node list has ${#HOSTS[@]} hosts (${HOSTS[*]}) but the job has $NNODES nodes"
   WORLD=$((NNODES * TASKS_PER_NODE))
+  # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: launch_ranks passes it again.
+  CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-}
   # Rank 0 runs on the first host (block distribution), so its TCP store listens there.
   export MASTER_ADDR=${HOSTS[0]}
   # Same rule as trainer/dist.py (20000 + job id mod 20000): two jobs sharing a node get different ports,
   # every task computes it without talking to the others, and a requeued job (same id) reuses it.
   [[ ${SLURM_JOB_ID:-} =~ ^[0-9]+$ ]] || die "SLURM_JOB_ID='${SLURM_JOB_ID:-}' is not a job number"
   export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+}
+
+# slurm_time_secs TIME: a Slurm time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, UNLIMITED) in seconds.
+slurm_time_secs() {
+  local t=$1 d=0 h=0 m=0 s=0
+  case $t in
+    UNLIMITED | unlimited | INFINITE | infinite)
+      echo 999999999
+      return
+      ;;
+  esac
+  if [[ $t =~ ^([0-9]+)-([0-9]+)(:([0-9]+)(:([0-9]+))?)?$ ]]; then
+    d=${BASH_REMATCH[1]} h=${BASH_REMATCH[2]} m=${BASH_REMATCH[4]:-0} s=${BASH_REMATCH[6]:-0}
+  elif [[ $t =~ ^([0-9]+)(:([0-9]+)(:([0-9]+))?)?$ ]]; then
+    if [[ -n ${BASH_REMATCH[5]} ]]; then
+      h=${BASH_REMATCH[1]} m=${BASH_REMATCH[3]} s=${BASH_REMATCH[5]}
+    elif [[ -n ${BASH_REMATCH[3]} ]]; then
+      m=${BASH_REMATCH[1]} s=${BASH_REMATCH[3]}
+    else
+      m=${BASH_REMATCH[1]}
+    fi
+  else
+    return 1
+  fi
+  echo $((((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s))
+}
+
+# check_signal_lead TIME_LIMIT SIGNAL SECS: the --signal warning must come after the ranks are up. slurmctld
+# tests time limits every 30 s and sends it at the first test with less than SECS + 30 s left: with SECS near
+# or above the limit that is as the job starts, before the trainer has its handler, and every rank dies of it.
+check_signal_lead() {
+  local limit
+  limit=$(slurm_time_secs "$1") || die "TIME_LIMIT='$1' is not a Slurm time (minutes, M:S, H:M:S, D-H:M:S)"
+  [[ $3 =~ ^[0-9]+$ ]] || die "SIGNAL_SECS='$3' must be a number of seconds"
+  (($3 + 60 <= limit)) ||
+    die "SIGNAL_SECS=$3 leaves less than a minute of TIME_LIMIT=$1 ($limit s) before the warning: Slurm would send SIG$2 while the ranks start (they die of it); lower SIGNAL_SECS or raise TIME_LIMIT"
 }
 
 # write_hostfile PATH: the deepspeed runner's MPI-style hostfile, one "host slots=N" line per node.
@@ -215,7 +271,8 @@ EOF
 after_training() {
   local out=$1 status=$2 state
   if ((status != 0)); then
-    log "training exited with status $status; not requeueing (fix the cause, then resubmit: it resumes from $out/checkpoints/latest)"
+    # srun names the culprit above: "srun: error: <node>: task <N>: <how it ended>" (task N = RANK N)
+    log "training exited with status $status; not requeueing (the first 'srun: error: <node>: task <N>' line above names the rank that failed, task N = RANK N, and its node; fix the cause, then resubmit: it resumes from $out/checkpoints/latest)"
     exit "$status"
   fi
   if is_dry; then

@@ -8,9 +8,12 @@
 #   PHASE=2 INIT_FROM=runs/x/phase1/checkpoints bash slurm/large.sh     phase 2 alone from a phase-1 checkpoint
 #   sbatch slurm/large.sh               (from the repo root) both phases in one requeueing job, #SBATCH below
 #   DRY_RUN=1 bash slurm/large.sh       print the sbatch calls and what every rank would run
+#   CPU nodes: GPUS_PER_NODE=0 TASKS_PER_NODE=1 NODES=2 CPUS_PER_TASK=4 bash slurm/large.sh, or
+#              sbatch -N2 --ntasks-per-node=1 -c4 --gpus-per-node=0 slurm/large.sh (overrides the GPU line below)
 #
-# The #SBATCH values equal the defaults below (tests/test_slurm.py checks it); with `bash slurm/large.sh`
-# they are overridden by sbatch flags built from the environment.
+# The #SBATCH values equal the defaults below (tests/test_slurm.py checks it). `bash slurm/large.sh` does not
+# use them: it passes every resource as an sbatch flag built from the environment (and submits
+# slurm/pretrain.sh, which has no #SBATCH lines, so a CPU job gets no GPU request from here).
 #SBATCH --job-name=bert-large
 #SBATCH --nodes=4
 #SBATCH --gpus-per-node=8
@@ -27,5 +30,5 @@ export CPUS_PER_TASK=${CPUS_PER_TASK:-8} TIME_LIMIT=${TIME_LIMIT:-24:00:00}
 # Under sbatch this file runs from a spool copy: the repo is the submit directory (or REPO_DIR).
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 [[ -f $REPO_DIR/slurm/pretrain.sh ]] || { echo "error: $REPO_DIR/slurm/pretrain.sh not found: submit from the repo root or set REPO_DIR" >&2; exit 1; }
-export REPO_DIR SUBMIT_SCRIPT=$REPO_DIR/slurm/large.sh
+export REPO_DIR
 exec bash "$REPO_DIR/slurm/pretrain.sh" "$@"

@@ -13,7 +13,10 @@
 #                                       requeues the job, which resumes from checkpoints/latest.
 #
 # Settings (environment; defaults in brackets):
-#   NODES GPUS_PER_NODE CPUS_PER_TASK TIME_LIMIT JOB_NAME   resources [from the wrapper]
+#   NODES GPUS_PER_NODE CPUS_PER_TASK TIME_LIMIT JOB_NAME   resources [from the wrapper]; GPUS_PER_NODE=0 is a
+#                                       CPU node: no GPU request, TASKS_PER_NODE ranks per node [1]
+#   TASKS_PER_NODE [GPUS_PER_NODE, or 1 on CPU nodes]   ranks per node (one per GPU: must equal GPUS_PER_NODE)
+#   Inside a job the allocation wins (SLURM_JOB_NUM_NODES, SLURM_NTASKS_PER_NODE, SLURM_CPUS_PER_TASK).
 #   SIGNAL [USR1; TERM with LAUNCHER=deepspeed]  SIGNAL_SECS [900]   warning signal before the time limit
 #   OUT_DIR [runs/bert-$MODEL]: phase1/ and phase2/ below it are the trainer's output_dir (checkpoints,
 #           tensorboard, metrics.jsonl) — fixed, so requeues continue the same TensorBoard run
@@ -35,6 +38,7 @@ MODEL=${MODEL:?MODEL must be base or large (set by slurm/base.sh / slurm/large.s
 PHASE=${PHASE:-all}
 NODES=${NODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+if [[ $GPUS_PER_NODE == 0 ]]; then TASKS_PER_NODE=${TASKS_PER_NODE:-1}; else TASKS_PER_NODE=${TASKS_PER_NODE:-$GPUS_PER_NODE}; fi
 CPUS_PER_TASK=${CPUS_PER_TASK:-}
 TIME_LIMIT=${TIME_LIMIT:-24:00:00}
 JOB_NAME=${JOB_NAME:-bert-$MODEL}
@@ -54,7 +58,7 @@ DS_CONFIG=${DS_CONFIG:-$REPO_DIR/ds_configs/zero2.json}
 DS_CONFIG_PHASE2=${DS_CONFIG_PHASE2:-$DS_CONFIG}
 INIT_FROM=${INIT_FROM:-$OUT_DIR/phase1/checkpoints}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
-SETTINGS=(MODEL PHASE NODES GPUS_PER_NODE CPUS_PER_TASK TIME_LIMIT JOB_NAME LAUNCHER SIGNAL SIGNAL_SECS
+SETTINGS=(MODEL PHASE NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK TIME_LIMIT JOB_NAME LAUNCHER SIGNAL SIGNAL_SECS
   OUT_DIR LOG_DIR DATA_PHASE1 DATA_PHASE2 RUN_CONFIG RUN_CONFIG_PHASE2 DS_CONFIG DS_CONFIG_PHASE2 INIT_FROM
   TRAIN_OVERRIDES REPO_DIR)
 
@@ -103,9 +107,15 @@ train_phase() {
 job_body() {
   setup_environment
   resolve_allocation
-  log "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${HOSTS[*]}: $WORLD ranks, master $MASTER_ADDR:$MASTER_PORT"
-  print_settings "${SETTINGS[@]}" OMP_NUM_THREADS NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING \
-    NCCL_SOCKET_IFNAME NCCL_IB_HCA VENV PYTHON
+  log "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${HOSTS[*]}: $WORLD ranks ($NNODES node(s) x $TASKS_PER_NODE task(s), ${CPUS_PER_TASK:-default} CPU(s) per task), master $MASTER_ADDR:$MASTER_PORT"
+  # the allocation's values, not the wrapper's defaults (NODES, GPUS_PER_NODE are what a submission asks for)
+  local -a shown=()
+  local name
+  for name in "${SETTINGS[@]}"; do
+    case $name in NODES | GPUS_PER_NODE | TASKS_PER_NODE | CPUS_PER_TASK) ;; *) shown+=("$name") ;; esac
+  done
+  print_settings NNODES TASKS_PER_NODE CPUS_PER_TASK SLURM_GPUS_PER_NODE "${shown[@]}" OMP_NUM_THREADS NCCL_DEBUG \
+    TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_SOCKET_IFNAME NCCL_IB_HCA GLOO_SOCKET_IFNAME VENV PYTHON
   case $PHASE in
     1 | 2) train_phase "$PHASE" ;;
     all) train_phase 1 && train_phase 2 ;;
@@ -116,14 +126,18 @@ job_body() {
 
 # ---------------------------------------------------------------------------------------------------------
 # Submitter
-# submit PHASE DEPENDENCY_JOB_ID|"" -> prints the new job id
+# submit PHASE DEPENDENCY_JOB_ID|"" -> prints the new job id. The job script is pretrain.sh itself, which
+# has no #SBATCH lines: every resource is one of the flags below. (Submitting the wrapper would add its
+# header's defaults, e.g. --gpus-per-node=8, to a CPU job that asked for none.) REPO_DIR, MODEL and every
+# setting reach the job through --export=ALL.
 submit() {
   local phase=$1 dep=$2
-  local -a flags=(--job-name="$JOB_NAME-phase$phase" --nodes="$NODES" --gpus-per-node="$GPUS_PER_NODE"
-    --ntasks-per-node="$GPUS_PER_NODE" --time="$TIME_LIMIT" --signal="$SIGNAL@$SIGNAL_SECS" --requeue
+  local -a flags=(--job-name="$JOB_NAME-phase$phase" --nodes="$NODES")
+  ((GPUS_PER_NODE > 0)) && flags+=(--gpus-per-node="$GPUS_PER_NODE")
+  flags+=(--ntasks-per-node="$TASKS_PER_NODE" --time="$TIME_LIMIT" --signal="$SIGNAL@$SIGNAL_SECS" --requeue
     --open-mode=append --output="$LOG_DIR/%x-%j.out" --export="ALL,PHASE=$phase")
   [[ -n $CPUS_PER_TASK ]] && flags+=(--cpus-per-task="$CPUS_PER_TASK")
-  sbatch_submit "phase$phase" "$dep" "$SUBMIT_SCRIPT" "${flags[@]}"
+  sbatch_submit "phase$phase" "$dep" "$REPO_DIR/slurm/pretrain.sh" "${flags[@]}"
 }
 
 # preview_body PHASE: under DRY_RUN, what the job would run, on example hosts node1..nodeN.
@@ -131,12 +145,15 @@ preview_body() {
   local hosts=() i
   for ((i = 1; i <= NODES; i++)); do hosts+=("node$i"); done
   printf '\n# job body of phase %s, shown for an example allocation (hosts %s, job id 1000):\n' "$1" "${hosts[*]}"
-  (PHASE=$1 SLURM_JOB_ID=1000 SLURM_JOB_NUM_NODES=$NODES SLURM_NTASKS_PER_NODE=$GPUS_PER_NODE \
-    PREVIEW_HOSTS="${hosts[*]}" job_body)
+  (PHASE=$1 SLURM_JOB_ID=1000 SLURM_JOB_NUM_NODES=$NODES SLURM_NTASKS_PER_NODE=$TASKS_PER_NODE \
+    SLURM_CPUS_PER_TASK=$CPUS_PER_TASK PREVIEW_HOSTS="${hosts[*]}" job_body)
 }
 
 submitter() {
-  : "${SUBMIT_SCRIPT:?run slurm/large.sh or slurm/base.sh}"
+  [[ $GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' must be a number (0 for CPU nodes)"
+  [[ $TASKS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "TASKS_PER_NODE='$TASKS_PER_NODE' must be a positive number"
+  ((GPUS_PER_NODE == 0 || TASKS_PER_NODE == GPUS_PER_NODE)) ||
+    die "TASKS_PER_NODE=$TASKS_PER_NODE with GPUS_PER_NODE=$GPUS_PER_NODE: one rank per GPU (leave TASKS_PER_NODE unset)"
   # Absolute paths: the job must see exactly what is echoed here, whatever its working directory.
   local name
   for name in OUT_DIR LOG_DIR DATA_PHASE1 DATA_PHASE2 RUN_CONFIG RUN_CONFIG_PHASE2 DS_CONFIG DS_CONFIG_PHASE2 INIT_FROM; do
@@ -151,6 +168,7 @@ submitter() {
     [[ -f ${!name} ]] || missing+=("$name=${!name}")
   done
   ((${#missing[@]} == 0)) || die "missing file(s): ${missing[*]}"
+  check_signal_lead "$TIME_LIMIT" "$SIGNAL" "$SIGNAL_SECS"
   is_dry || mkdir -p "$LOG_DIR"
   local p1="" p2=""
   case $PHASE in
