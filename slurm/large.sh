@@ -1,7 +1,11 @@
 #!/bin/bash
 # BERT-large, the paper's recipe on BookCorpus + Wikipedia: phase 1 at seq 128, then phase 2 at seq 512
 # initialised from phase 1 (configs/large_phase{1,2}.yaml). Everything is in slurm/pretrain.sh; this file
-# only holds BERT-large's resource defaults.
+# only holds BERT-large's resource defaults. At these defaults it trains the paper's batch: 256 sequences
+# per step = ds_configs/zero2.json's train_batch_size, i.e. micro 32 x 8 GPUs in phase 1 and, with
+# ds_configs/zero2_seq512.json in phase 2, micro 8 x accumulation 4 x 8 GPUs. More nodes keep the 256
+# (accumulation is derived) as long as micro x ranks divides it: 4 nodes x 8 GPUs need
+# TRAIN_OVERRIDES=ds.train_micro_batch_size_per_gpu=8.
 #
 #   bash slurm/large.sh                 submit phase 1 and phase 2 (afterok dependency); env overrides:
 #                                       NODES=8 GPUS_PER_NODE=4 TIME_LIMIT=12:00:00 OUT_DIR=... bash slurm/large.sh
@@ -15,7 +19,7 @@
 # use them: it passes every resource as an sbatch flag built from the environment (and submits
 # slurm/pretrain.sh, which has no #SBATCH lines, so a CPU job gets no GPU request from here).
 #SBATCH --job-name=bert-large
-#SBATCH --nodes=4
+#SBATCH --nodes=1
 #SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=8
 #SBATCH --cpus-per-task=8
@@ -25,7 +29,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
-export MODEL=large JOB_NAME=${JOB_NAME:-bert-large} NODES=${NODES:-4} GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+export MODEL=large JOB_NAME=${JOB_NAME:-bert-large} NODES=${NODES:-1} GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export CPUS_PER_TASK=${CPUS_PER_TASK:-8} TIME_LIMIT=${TIME_LIMIT:-24:00:00}
 # Under sbatch this file runs from a spool copy: the repo is the submit directory (or REPO_DIR).
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}

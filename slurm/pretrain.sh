@@ -23,7 +23,8 @@
 #   LOG_DIR [$OUT_DIR/logs]: per-job Slurm log files %x-%j.out (appended across requeues)
 #   DATA_DIR [shards]  DATA_PHASE1 [$DATA_DIR/seq128]  DATA_PHASE2 [$DATA_DIR/seq512]  (slurm/build_shards.sh)
 #   RUN_CONFIG [configs/${MODEL}_phase1.yaml]  RUN_CONFIG_PHASE2 [configs/${MODEL}_phase2.yaml]
-#   DS_CONFIG [ds_configs/zero2.json]  DS_CONFIG_PHASE2 [$DS_CONFIG]
+#   DS_CONFIG [ds_configs/zero2.json]  DS_CONFIG_PHASE2 [ds_configs/zero2_seq512.json]: the batch (256
+#           sequences per step, accumulation derived for the rank count), optimizer and precision
 #   INIT_FROM [$OUT_DIR/phase1/checkpoints]: phase 2's initial weights (used until phase 2 has a checkpoint)
 #   TRAIN_OVERRIDES: extra "key.sub=value ..." for launcher/pretrain.py (both phases)
 #   LAUNCHER [srun] | deepspeed (hostfile from the node list; DS_SSH=1 for pdsh instead of srun per node)
@@ -55,7 +56,7 @@ DATA_PHASE2=${DATA_PHASE2:-$DATA_DIR/seq512}
 RUN_CONFIG=${RUN_CONFIG:-$REPO_DIR/configs/${MODEL}_phase1.yaml}
 RUN_CONFIG_PHASE2=${RUN_CONFIG_PHASE2:-$REPO_DIR/configs/${MODEL}_phase2.yaml}
 DS_CONFIG=${DS_CONFIG:-$REPO_DIR/ds_configs/zero2.json}
-DS_CONFIG_PHASE2=${DS_CONFIG_PHASE2:-$DS_CONFIG}
+DS_CONFIG_PHASE2=${DS_CONFIG_PHASE2:-$REPO_DIR/ds_configs/zero2_seq512.json}
 INIT_FROM=${INIT_FROM:-$OUT_DIR/phase1/checkpoints}
 TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 SETTINGS=(MODEL PHASE NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK TIME_LIMIT JOB_NAME LAUNCHER SIGNAL SIGNAL_SECS

@@ -9,7 +9,7 @@ per node, data.num_workers=0) and share one uninterrupted reference run (`refere
 
 No stub of Slurm is left. Tests that need no cluster use DRY_RUN=1, which prints every sbatch call and every
 rank's command; they cover what the local cluster cannot stand in for: GPU requests (its nodes have no GPUs)
-and the BERT-large defaults (4 nodes x 8 GPUs).
+and the defaults (8 GPUs per node).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -144,10 +143,26 @@ def test_shellcheck_clean():
 
 
 @pytest.mark.parametrize("wrapper", ["large.sh", "base.sh"])
+def test_defaults_train_the_papers_batch(wrapper):
+    """At their defaults the wrappers train 256 sequences per step in both phases: the JSONs' train_batch_size,
+    which the rank count of the #SBATCH header divides (accumulation derived: 1 at seq 128, 4 at 512)."""
+    from trainer.engine import load_ds_config, resolve
+    from trainer.precision import cuda_facts
+
+    h = sbatch_header(SLURM / wrapper)
+    world = int(h["--nodes"]) * int(h["--ntasks-per-node"])
+    for name, accum in (("zero2.json", 1), ("zero2_seq512.json", 4)):
+        r = resolve(load_ds_config(str(REPO / "ds_configs" / name)), name, cuda_facts((8, 0)), world)
+        assert (r.batch.global_batch, r.batch.accum) == (256, accum), (wrapper, name)
+    assert "DS_CONFIG_PHASE2=${DS_CONFIG_PHASE2:-$REPO_DIR/ds_configs/zero2_seq512.json}" in \
+        (SLURM / "pretrain.sh").read_text()
+
+
+@pytest.mark.parametrize("wrapper", ["large.sh", "base.sh"])
 def test_submitter_flags_equal_sbatch_header_defaults(tmp_path, wrapper):
     """`bash slurm/X.sh` passes flags built from env defaults; with no env set they must equal the #SBATCH
-    header that a plain `sbatch slurm/X.sh` uses (two places hold the defaults; this keeps them one). GPUs and
-    4-node defaults: the local cluster cannot run these, DRY_RUN shows them."""
+    header that a plain `sbatch slurm/X.sh` uses (two places hold the defaults; this keeps them one). GPUs:
+    the local cluster cannot run these, DRY_RUN shows them."""
     r = run(wrapper, clean_env(DRY_RUN=1, OUT_DIR=tmp_path / "run", DATA_DIR=tmp_path / "shards"))
     assert r.returncode == 0, r.stderr
     subs = dry_sbatch_calls(r.stdout)
@@ -389,33 +404,28 @@ def run_yaml(path: Path, max_steps: int) -> Path:
     return path
 
 
-def job_path(pin_dir: Path) -> str:
-    """PATH for jobs that run the real trainer: the venv first (python with torch and PyYAML; no VENV activation),
-    but `ninja` exactly as this test session resolves it. DeepSpeed JIT-loads its CPU ops with whichever ninja
-    comes first on PATH, and two ninjas (Debian's ninja-build 1.11, the venv's pip ninja 1.13) each take the
-    other's build log for a changed command line: every switch between them recompiled both ops (~2 min of
-    CPU). The rest of the suite runs with this process's PATH, so the jobs must find the same ninja."""
-    caller = os.environ.get("PATH", "")
-    ninja = shutil.which("ninja", path=caller)
-    parts = [str(VENV_BIN), caller]
-    if ninja and Path(ninja).resolve().parent != VENV_BIN.resolve():
-        pin_dir.mkdir(exist_ok=True)
-        (pin_dir / "ninja").symlink_to(ninja)
-        parts.insert(0, str(pin_dir))
-    return ":".join(parts)
+def small_ds(path: Path) -> Path:
+    """zero2.json with a tiny global batch: 16 sequences per step = micro 8 x 2 ranks."""
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds.update(train_batch_size=16, train_micro_batch_size_per_gpu=8)
+    path.write_text(json.dumps(ds))
+    return path
 
 
 @pytest.fixture(scope="module")
 def train_setup(tmp_path_factory, train_shards, train_shards_128) -> dict:
     d = tmp_path_factory.mktemp("slurm_train")
     return {"p1": run_yaml(d / "phase1.yaml", P1_STEPS), "p2": run_yaml(d / "phase2.yaml", P2_STEPS),
-            "data1": Path(train_shards), "data2": Path(train_shards_128), "dir": d, "path": job_path(d / "bin")}
+            "data1": Path(train_shards), "data2": Path(train_shards_128), "dir": d, "ds": small_ds(d / "ds.json"),
+            # jobs run the venv's python (torch, PyYAML) without activating it
+            "path": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
 
 
 def train_env(slurm: LocalSlurm, setup: dict, out: Path, **extra) -> dict:
     settings = dict(OUT_DIR=out, RUN_CONFIG=setup["p1"], RUN_CONFIG_PHASE2=setup["p2"],
                     DATA_PHASE1=setup["data1"], DATA_PHASE2=setup["data2"], NODES=2, GPUS_PER_NODE=0,
-                    TASKS_PER_NODE=1, CPUS_PER_TASK=1, TIME_LIMIT=10, SIGNAL_SECS=120, PATH=setup["path"])
+                    TASKS_PER_NODE=1, CPUS_PER_TASK=1, TIME_LIMIT=10, SIGNAL_SECS=120, PATH=setup["path"],
+                    DS_CONFIG=setup["ds"], DS_CONFIG_PHASE2=setup["ds"])
     return slurm.env(clean_env(**{**settings, **extra}))
 
 
@@ -541,7 +551,7 @@ def test_large_sh_phase2_waits_for_phase1_through_afterok(chain, reference):
 
 
 def resumed_steps(text: str, phase: int) -> list[int]:
-    return [int(s) for s in re.findall(rf"resumed from \S+/phase{phase}/checkpoints/step_(\d+)/\S* at step", text)]
+    return [int(s) for s in re.findall(rf"resumed from \S+/phase{phase}/checkpoints/step_(\d+)\S* at step", text)]
 
 
 @pytest.mark.timeout(900)
@@ -612,7 +622,7 @@ def test_plain_scancel_then_kill9_on_node2_each_resubmission_resumes(slurm, trai
     os.kill(pids[1], signal.SIGKILL)
     rec = slurm.wait_done(job, JOB_WAIT, files=[job_log(job)])
     text = job_log(job).read_text()
-    assert re.search(rf"resumed from {ckpt}/step_{saved:07d}/\S+ at step {saved} ", text)
+    assert re.search(rf"resumed from {ckpt}/step_{saved:07d} at step {saved} ", text)
     assert (rec["JobState"], rec["Restarts"]) == ("FAILED", "0"), text[-3000:]
     assert re.search(r"^srun: error: node2: task 1: Killed$", text, re.M), text[-3000:]
     m = re.search(r"training exited with status (\d+); not requeueing \(the first 'srun: error", text)
@@ -624,7 +634,7 @@ def test_plain_scancel_then_kill9_on_node2_each_resubmission_resumes(slurm, trai
     rec = slurm.wait_done(job, JOB_WAIT, files=[job_log(job)])
     text = job_log(job).read_text()
     assert rec["JobState"] == "COMPLETED", text[-3000:]
-    assert re.search(rf"resumed from {ckpt}/step_{periodic:07d}/\S+ at step {periodic} ", text)
+    assert re.search(rf"resumed from {ckpt}/step_{periodic:07d} at step {periodic} ", text)
     assert_same_run(train_records(m1), reference["p1"], P1_STEPS, "phase 1 cancelled, killed, resubmitted twice")
 
 
@@ -670,7 +680,7 @@ def test_time_limit_warning_from_slurmctld_saves_requeues_and_finishes(slurm, tr
     assert "stop requested (signal 10)" in first and f"requeueing job {job} (restart 1)" in first
     saved = int(re.search(r"saved \S+/checkpoints/step_(\d+) at step", first).group(1))
     assert 1 <= saved < W, f"the warning must come mid-run (saved at {saved} of {W})"
-    assert re.search(rf"resumed from {out}/phase1/checkpoints/step_{saved:07d}/\S+ at step {saved} ", second)
+    assert re.search(rf"resumed from {out}/phase1/checkpoints/step_{saved:07d} at step {saved} ", second)
     assert "finished: " in second and "stop requested" not in second
     got = train_records(out / "phase1" / "metrics.jsonl")
     assert sorted(got) == list(range(1, W + 1))
@@ -688,14 +698,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def shard_members(folder: Path) -> dict:
-    """{(split, member name): bytes} of every example stored in a shard folder's tar files."""
-    from data.shards import iter_tar_members, shard_paths
+    """{(split, sample key): record bytes} of every example stored in a shard folder's tar files."""
+    from data.shards import iter_samples, shard_paths
     out = {}
     for split in ("train", "valid"):
         for p in shard_paths(str(folder), split):
-            for name, data in iter_tar_members(p):
-                assert (split, name) not in out, f"duplicate member {name}"
-                out[(split, name)] = data
+            for raw in iter_samples(p):
+                assert (split, raw["__key__"]) not in out, f"duplicate sample {raw['__key__']}"
+                out[(split, raw["__key__"])] = raw["bin"]
     return out
 
 
