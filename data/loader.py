@@ -47,7 +47,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -110,23 +110,28 @@ def _ceil_div(a: int, b: int) -> int:
 # The deterministic plan (picklable; shared by the main process and the workers)
 # ---------------------------------------------------------------------------------------------------
 class _Plan:
+    """The order, as arithmetic. Training (loop): an endless stream of epochs, each contributing ``used`` =
+    N rounded down to whole global batches of positions (e.g. N=1000, global batch 16 -> 992 used, 8 dropped);
+    stream position q is epoch q // used, position q % used. A loader started at stream position q0 gives rank
+    r, in its micro batch k, the positions q0 + (k*B + i)*W + r for i < B. The stream does not depend on the
+    world size or the micro batch, only the global batch fixes the epoch length: a run resumed on another
+    world size continues at the same q. Eval (not loop): one pass of all N positions, q0 = 0."""
+
     def __init__(self, *, names: list[str], paths: list[str], counts: np.ndarray, rank: int, world_size: int,
-                 micro_batch: int, seed: int, shuffle: bool, loop: bool, block_shards: int):
+                 micro_batch: int, seed: int, shuffle: bool, loop: bool, block_shards: int, global_batch: int):
         self.names, self.paths = names, paths
         self.counts = counts  # (n_shards,) int64
         self.rank, self.world, self.B = rank, world_size, micro_batch
         self.seed, self.shuffle, self.loop, self.K = seed, shuffle, loop, block_shards
         self.N = int(counts.sum())
-        per_step = micro_batch * world_size
         if loop:
-            # drop the remainder: e.g. N=1000, B=8, W=2 -> 62 batches/rank, 992 samples used, 8 dropped
-            self.T = self.N // per_step
-            self.used = self.T * per_step
+            self.used = self.N // global_batch * global_batch
+            self.T = self.used // (micro_batch * world_size)  # micro batches per rank per epoch
         else:
             # rank 0 has the most samples, ceil(N/W); every rank yields ceil(ceil(N/W)/B) batches,
             # e.g. N=1001, W=2, B=8: rank 0 has 501 samples -> 63 batches, rank 1 has 500 -> 62 + 1 padding
-            self.T = _ceil_div(_ceil_div(self.N, world_size), micro_batch)
             self.used = self.N
+            self.T = _ceil_div(_ceil_div(self.N, world_size), micro_batch)
         self._layout_cache: tuple[int, tuple] | None = None
 
     def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,13 +153,25 @@ class _Plan:
             return np.arange(size, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch, 1, block]).permutation(size)
 
-    def epoch_batch(self, g: int) -> tuple[int, int]:
-        return divmod(g, self.T) if self.loop else (0, g)
+    def batches(self, q0: int) -> Optional[int]:
+        """Micro batches of this rank from stream position q0: None (endless) when training."""
+        return None if self.loop else _ceil_div(max(0, _ceil_div(self.N - q0, self.world)), self.B)
 
-    def positions(self, j: int) -> np.ndarray:
-        """Global positions of rank batch ``j`` (within its epoch); short/empty past the end in eval."""
-        p = (j * self.B + np.arange(self.B, dtype=np.int64)) * self.world + self.rank  # (B,)
-        return p[p < self.used]
+    def positions(self, q0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, position) of each sample of micro batch k; short or empty past the end in eval."""
+        q = q0 + (k * self.B + np.arange(self.B, dtype=np.int64)) * self.world + self.rank  # (B,)
+        if not self.loop:
+            q = q[q < self.N]
+            return np.zeros_like(q), q
+        return np.divmod(q, self.used)
+
+    def needed(self, q0: int, epoch: int, block: int, w: int, nw: int) -> np.ndarray:
+        """Positions of ``block`` of ``epoch`` that DataLoader worker w of nw emits from q0 on (sorted)."""
+        _, block_starts, _ = self.layout(epoch)
+        p = np.arange(block_starts[block], min(block_starts[block + 1], self.used), dtype=np.int64)
+        q = epoch * self.used + p - q0
+        keep = (q >= 0) & (q % self.world == self.rank)
+        return p[keep & ((q // self.world // self.B) % nw == w)]
 
 
 class _Block:
@@ -205,40 +222,40 @@ class _Block:
 
 
 class _Stream(IterableDataset):
-    """Batches ``g0, g0+1, ...`` of one rank; inside a DataLoader worker ``w`` emits ``g0+w, g0+w+nw, ...``."""
+    """Micro batches k = 0, 1, ... of one rank from stream position q0; DataLoader worker w of nw emits
+    k = w, w + nw, ..., which is the order in which torch's DataLoader round-robins over its workers."""
 
-    def __init__(self, plan: _Plan, g0: int, settings: dict):
+    def __init__(self, plan: _Plan, q0: int, settings: dict):
         super().__init__()
-        self.plan, self.g0, self.s = plan, g0, settings
+        self.plan, self.q0, self.s = plan, q0, settings
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan
-        end = None if plan.loop else plan.T
+        end = plan.batches(self.q0)
         blocks: dict[tuple[int, int], _Block] = {}
-        g = self.g0 + w
-        while end is None or g < end:
-            epoch, j = plan.epoch_batch(g)
-            pos = plan.positions(j)
+        k = w
+        while end is None or k < end:
+            epochs, pos = plan.positions(self.q0, k)
             if len(pos) == 0:
-                yield self._padding_batch(g)
-                g += nw
+                yield self._padding_batch(k)
+                k += nw
                 continue
-            _, block_starts, _ = plan.layout(epoch)
-            bidx = np.searchsorted(block_starts, pos, side="right") - 1  # (n,)
-            for key in [k for k in blocks if k < (epoch, int(bidx[0]))]:
+            bidx = [int(np.searchsorted(plan.layout(int(e))[1], p, side="right") - 1)
+                    for e, p in zip(epochs.tolist(), pos.tolist())]
+            for key in [key for key in blocks if key < (int(epochs[0]), bidx[0])]:
                 del blocks[key]  # never revisited: positions only grow
             new_bad: list[tuple[str, str]] = []
             rows, bad, notes = [], 0, []
-            for p, b in zip(pos.tolist(), bidx.tolist()):
-                blk = blocks.get((epoch, b))
+            for e, p, b in zip(epochs.tolist(), pos.tolist(), bidx):
+                blk = blocks.get((e, b))
                 if blk is None:
-                    blk = _Block(plan, epoch, b, self._needed(epoch, b, w, nw))
-                    blocks[(epoch, b)] = blk
+                    blk = _Block(plan, e, b, plan.needed(self.q0, e, b, w, nw))
+                    blocks[(e, b)] = blk
                     new_bad += blk.damaged
                 sample = int(blk.perm[p - blk.start])
-                d = self._decode(blk, sample, epoch)
+                d = self._decode(blk, sample, e)
                 if isinstance(d, str):
                     bad += 1
                     if d:
@@ -248,28 +265,19 @@ class _Stream(IterableDataset):
             if not rows:
                 if plan.loop:
                     raise DataCorruptionError(
-                        f"all {len(pos)} samples of batch {j} (epoch {epoch}, rank {plan.rank}) are corrupt or "
-                        f"missing: the shards are damaged (see the warnings above)")
-                batch = self._padding_batch(g)
+                        f"all {len(pos)} samples of micro batch {k} (epoch {int(epochs[0])}, rank {plan.rank}) are "
+                        f"corrupt or missing: the shards are damaged (see the warnings above)")
+                batch = self._padding_batch(k)
             else:
                 batch = self._collate(rows)
                 if not plan.loop:
                     batch["is_padding"] = False
-            batch["_g"] = g
+            batch["_k"] = k
             batch["_bad_samples"] = bad
             batch["_bad_shards"] = new_bad
             batch["_notes"] = notes
             yield batch
-            g += nw
-
-    def _needed(self, epoch: int, b: int, w: int, nw: int) -> np.ndarray:
-        """Positions of block ``b`` that this worker emits from ``g0`` on (sorted)."""
-        plan = self.plan
-        _, block_starts, _ = plan.layout(epoch)
-        q = np.arange(block_starts[b], block_starts[b + 1], dtype=np.int64)
-        q = q[(q % plan.world == plan.rank) & (q < plan.used)]
-        gg = (q // plan.world) // plan.B + (epoch * plan.T if plan.loop else 0)
-        return q[(gg >= self.g0) & ((gg - self.g0) % nw == w)]
+            k += nw
 
     def _decode(self, blk: _Block, sample: int, epoch: int) -> dict | str:
         """The decoded sample, or why not: "" when its shard lost it (reported once per shard), else a line."""
@@ -328,7 +336,7 @@ class _Stream(IterableDataset):
                 "masked_lm_ids": mids, "masked_lm_weights": mw, "next_sentence_label": nsp,
                 "keys": [d["__key__"] for d in rows]}
 
-    def _padding_batch(self, g: int) -> dict:
+    def _padding_batch(self, k: int) -> dict:
         """One dummy row ([CLS] [SEP], no predictions) so ZeRO-3's collectives still run; not to be counted."""
         s = self.s
         row = {"__key__": "", "input_ids": np.array([s["cls_id"], s["sep_id"]]), "segment_ids": np.zeros(2),
@@ -337,7 +345,7 @@ class _Stream(IterableDataset):
         batch = self._collate([row])
         batch["keys"] = []
         batch["is_padding"] = True
-        batch.update({"_g": g, "_bad_samples": 0, "_bad_shards": [], "_notes": []})
+        batch.update({"_k": k, "_bad_samples": 0, "_bad_shards": [], "_notes": []})
         return batch
 
 
@@ -366,16 +374,23 @@ class PretrainLoader:
             its own samples' bytes).
         prefetch_factor: batches each worker prepares ahead (DataLoader's).
         timeout_s: longest wait for a worker's next batch before the iterator raises (never waits forever).
+        global_batch: samples per optimizer step over all ranks (micro x accumulation x world; default micro x
+            world): an epoch uses a whole number of them, the same for any world size that gives that batch.
     """
 
     def __init__(self, shard_dir: str | os.PathLike, split: str, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 1, shuffle: bool = True,
                  loop: bool = True, dynamic_masking: bool = False, max_bad_samples: int = 100,
-                 block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S):
+                 block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S,
+                 global_batch: Optional[int] = None):
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        global_batch = global_batch or micro_batch * world_size
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x "
+                             f"world_size {world_size}")
         if num_workers < 0 or block_shards < 1 or max_bad_samples < 0:
             raise ValueError(f"num_workers ({num_workers}) and max_bad_samples ({max_bad_samples}) must be >= 0, "
                              f"block_shards ({block_shards}) >= 1")
@@ -389,12 +404,13 @@ class PretrainLoader:
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.num_workers, self.shuffle, self.loop = seed, num_workers, shuffle, loop
         self.dynamic_masking, self.max_bad_samples, self.block_shards = dynamic_masking, max_bad_samples, block_shards
-        self.prefetch_factor, self.timeout_s = prefetch_factor, timeout_s
+        self.prefetch_factor, self.timeout_s, self.global_batch = prefetch_factor, timeout_s, global_batch
         self._plan = _Plan(names=names, paths=paths, counts=counts, rank=rank, world_size=world_size,
-                           micro_batch=micro_batch, seed=seed, shuffle=shuffle, loop=loop, block_shards=block_shards)
+                           micro_batch=micro_batch, seed=seed, shuffle=shuffle, loop=loop, block_shards=block_shards,
+                           global_batch=global_batch)
         if self._plan.T == 0:
             raise ValueError(f"{self.shard_dir}: split {split!r} has {self._plan.N} samples, fewer than one step "
-                             f"of micro_batch {micro_batch} x world_size {world_size}")
+                             f"of {global_batch if loop else micro_batch * world_size} samples")
         self._settings = {
             "max_seq_len": int(st["max_seq_len"]), "max_predictions": int(st["max_predictions"]),
             "masked_lm_prob": float(st.get("masked_lm_prob", 0.15)), "vocab_size": int(tok["vocab_size"]),
@@ -405,7 +421,8 @@ class PretrainLoader:
         self.max_predictions = self._settings["max_predictions"]
         self._digest = hashlib.sha1(
             "\n".join(f"{n}:{c}" for n, c in zip(names, counts.tolist())).encode()).hexdigest()
-        self._next_g = 0  # next global batch index of this rank = batches yielded so far
+        self._q0 = 0  # stream position where the current (or next) iteration starts
+        self._next_k = 0  # micro batches yielded since then
         self._resume_pending = False
         self._bad_samples = 0
         self._bad_shard_names: set[str] = set()
@@ -427,16 +444,14 @@ class PretrainLoader:
     # --- iteration ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         if not self.loop and not self._resume_pending:
-            self._next_g = 0  # every eval pass starts at the beginning unless a state was just loaded
+            self._q0, self._next_k = 0, 0  # every eval pass starts at the beginning unless a state was loaded
         self._resume_pending = False
-        g0 = self._next_g
-        if not self.loop and g0 >= self._plan.T:
-            g0 = self._next_g = 0
-        stream = _Stream(self._plan, g0, self._settings)
+        self._q0, self._next_k = self.position, 0
+        stream = _Stream(self._plan, self._q0, self._settings)
         if self.num_workers == 0:
             source: Any = iter(stream)
         else:
-                # Own generator: starting workers draws their base seed from it, not from the global RNG, so
+            # Own generator: starting workers draws their base seed from it, not from the global RNG, so
             # creating an iterator never shifts the dropout stream (resume restores it in any order).
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                      persistent_workers=False, prefetch_factor=self.prefetch_factor,
@@ -445,6 +460,11 @@ class PretrainLoader:
                                      generator=torch.Generator().manual_seed(self.seed)))
             source = self._bounded(source)
         return self._consume(source)
+
+    @property
+    def position(self) -> int:
+        """Stream position of the next sample this loader yields (all ranks together)."""
+        return self._q0 + self._next_k * self.micro_batch * self.world_size
 
     def _bounded(self, source: Iterator[dict]) -> Iterator[dict]:
         """Batches of the DataLoader, waiting at most ``timeout_s`` for each. The DataLoader's own timeout is
@@ -470,9 +490,9 @@ class PretrainLoader:
 
     def _consume(self, source: Iterator[dict]) -> Iterator[dict]:
         for batch in source:
-            g = batch.pop("_g")
-            if g != self._next_g:
-                raise RuntimeError(f"loader order broken: got batch {g}, expected {self._next_g}")
+            k = batch.pop("_k")
+            if k != self._next_k:
+                raise RuntimeError(f"loader order broken: got micro batch {k}, expected {self._next_k}")
             self._bad_samples += int(batch.pop("_bad_samples"))
             for name, problem in batch.pop("_bad_shards"):
                 if name not in self._bad_shard_names:  # every worker reading it finds it: say it once
@@ -480,7 +500,7 @@ class PretrainLoader:
                     self._bad_shard_names.add(name)
             for note in batch.pop("_notes"):
                 log.warning("%s", note)
-            self._next_g = g + 1
+            self._next_k = k + 1
             for k in MODEL_INPUT_KEYS:
                 batch[k] = torch.from_numpy(batch[k])
             if self._bad_samples > self.max_bad_samples:
@@ -498,40 +518,49 @@ class PretrainLoader:
         return {"bad_samples": self._bad_samples, "bad_shards": len(self._bad_shard_names),
                 "bad_shard_names": sorted(self._bad_shard_names)}
 
-    def _position(self) -> tuple[int, int]:
-        epoch, j = self._plan.epoch_batch(self._next_g)
-        return epoch, j * self.micro_batch * self.world_size
-
     def state_dict(self) -> dict:
-        epoch, sample_in_epoch = self._position()
+        epoch, sample_in_epoch = divmod(self.position, self._plan.used) if self.loop else (0, self.position)
         return {
             "version": STATE_VERSION,
             "epoch": epoch,
             "sample_in_epoch": sample_in_epoch,  # global samples (all ranks) consumed in this epoch
-            "samples_seen": epoch * self._plan.used + sample_in_epoch,
+            "samples_seen": self.position,
             "seed": self.seed, "world_size": self.world_size, "micro_batch": self.micro_batch,
+            "global_batch": self.global_batch,
             "shuffle": self.shuffle, "loop": self.loop, "block_shards": self.block_shards,
             "dynamic_masking": self.dynamic_masking, "split": self.split,
             "num_samples": self._plan.N, "shards_digest": self._digest,
             "bad_samples": self._bad_samples, "bad_shard_names": sorted(self._bad_shard_names),
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict) -> str:
+        """Continue where ``sd`` (any rank's state: the position is global) stopped. World size and micro batch
+        may differ: with the same global batch the stream continues exactly at the same sample; with another
+        one, at the same sample of the same epoch (each epoch still uses whole global batches). Returns a note
+        for the log when the global batch changed, else ""."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r}, this code reads {STATE_VERSION}")
         mine = self.state_dict()
-        for k in ("seed", "world_size", "micro_batch", "shuffle", "loop", "block_shards", "dynamic_masking",
-                  "split", "num_samples", "shards_digest"):
+        for k in ("seed", "shuffle", "loop", "block_shards", "dynamic_masking", "split", "num_samples",
+                  "shards_digest"):
             if sd.get(k) != mine[k]:
                 raise ValueError(f"cannot resume the data position exactly: {k} is {sd.get(k)!r} in the checkpoint "
                                  f"but {mine[k]!r} now ({self.shard_dir}, split {self.split!r})")
-        per_step = self.micro_batch * self.world_size
         epoch, sie = int(sd["epoch"]), int(sd["sample_in_epoch"])
-        j = sie // per_step
-        if sie % per_step or epoch < 0 or (j >= self._plan.T if self.loop else j > self._plan.T):
-            raise ValueError(f"loader state sample_in_epoch={sie} is not a multiple of micro_batch x world_size = "
-                             f"{per_step} inside an epoch of {self._plan.T} batches per rank")
-        self._next_g = epoch * self._plan.T + j if self.loop else j
+        if epoch < 0 or not 0 <= sie <= self._plan.N:
+            raise ValueError(f"loader state epoch={epoch} sample_in_epoch={sie} is outside a split of "
+                             f"{self._plan.N} samples")
+        old_batch = int(sd.get("global_batch") or sd["micro_batch"] * sd["world_size"])
+        note = ""
+        if old_batch != self.global_batch:
+            note = (f"the global batch changed from {old_batch} to {self.global_batch} sequences per step: the data "
+                    f"continues at sample {sie} of epoch {epoch}, but the steps hold other samples than they "
+                    f"would have")
+        if self.loop and sie >= self._plan.used:  # an epoch of whole new global batches ends earlier
+            epoch, sie = epoch + 1, 0
+        self._q0 = epoch * self._plan.used + sie if self.loop else sie
+        self._next_k = 0
         self._resume_pending = True
         self._bad_samples = int(sd.get("bad_samples", 0))
         self._bad_shard_names = set(sd.get("bad_shard_names", []))
+        return note

@@ -187,12 +187,39 @@ def test_exact_resume_any_workers(shard_dir, num_workers):
         assert [b["keys"] for b in ref] != [b["keys"] for b in ref2]  # block size is part of the order
 
 
+def step_keys(shard_dir, world, micro, G, steps, state=None, seed=3):
+    """Keys of each optimizer step (all ranks together, as a set) of `steps` steps of global batch G."""
+    accum = G // (micro * world)
+    loaders = [PretrainLoader(shard_dir, "train", micro, rank=r, world_size=world, seed=seed, num_workers=0,
+                              global_batch=G) for r in range(world)]
+    notes = [ld.load_state_dict(state) for ld in loaders] if state else [""]
+    its = [iter(ld) for ld in loaders]
+    keys = [{k for it in its for _ in range(accum) for k in next(it)["keys"]} for _ in range(steps)]
+    return keys, loaders[0].state_dict(), notes[0]
+
+
+def test_resume_on_another_world_size_continues_with_the_same_samples(shard_dir):
+    """The stream is global: a state from 2 ranks continues on 1 or 4 (global batch 16 = micro 4 x accum
+    4/2/1 x world 1/2/4) and every step holds the samples of the uninterrupted run, across an epoch's end."""
+    ref, _, _ = step_keys(shard_dir, 2, 4, 16, 16)  # 200 samples: 12 steps of 16 per epoch (8 dropped)
+    assert all(len(k) == 16 for k in ref) and len(set.union(*ref[:12])) == 192  # whole steps, none repeated
+    _, state, _ = step_keys(shard_dir, 2, 4, 16, 5)
+    for world in (1, 4):
+        got, _, note = step_keys(shard_dir, world, 4, 16, 11, state)
+        assert got == ref[5:] and note == ""
+    # another global batch: said, and the data continues at the same sample of the epoch
+    got, after, note = step_keys(shard_dir, 1, 4, 8, 3, state)
+    assert "global batch changed from 16 to 8" in note and after["samples_seen"] == 80 + 24
+    plain = take(PretrainLoader(shard_dir, "train", 8, seed=3, num_workers=0), 13)  # positions 8k .. 8k+7
+    assert got == [set(b["keys"]) for b in plain[10:13]]  # positions 80..103 of epoch 0
+
+
 def test_resume_rejects_other_settings(shard_dir):
     loader = PretrainLoader(shard_dir, "train", 4, world_size=2, num_workers=0)
     take(loader, 3)
     sd = loader.state_dict()
-    other = PretrainLoader(shard_dir, "train", 4, world_size=1, num_workers=0)
-    with pytest.raises(ValueError, match="world_size is 2 in the checkpoint but 1 now"):
+    other = PretrainLoader(shard_dir, "train", 4, world_size=1, num_workers=0, seed=5)
+    with pytest.raises(ValueError, match="seed is 0 in the checkpoint but 5 now"):
         other.load_state_dict(sd)
 
 

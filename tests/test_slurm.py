@@ -751,3 +751,30 @@ def test_build_shards_real_array_and_merge_on_two_nodes(slurm, tmp_path, corpus)
     a, b = shard_members(data / "seq64"), shard_members(single)
     assert len(a) == len(b) > 0 and a == b  # same member names, same bytes
     assert len(merged["splits"]["train"]["shards"]) >= 3  # every slice contributed its own shards
+
+
+@pytest.mark.timeout(900)
+def test_requeued_job_back_on_fewer_nodes_resumes_through_the_universal_checkpoint(slurm, train_setup, reference):
+    """A job runs on 2 nodes, is requeued, and comes back on 1 (its pending request changed to one node, as when
+    a cluster hands back fewer): the trainer converts the 2-rank checkpoint to a universal one and continues on 1
+    rank from the same global sample; with the same global batch (16) every step holds the uninterrupted run's
+    samples."""
+    out = train_setup["dir"] / "elastic"
+    jobs = submit(slurm, "large.sh", train_env(slurm, train_setup, out, PHASE=1))
+    job, m1 = jobs["1"], out / "phase1" / "metrics.jsonl"
+    log = out / "logs" / f"bert-large-phase1-{job}.out"
+    with slurm.cancel_on_error():
+        wait_step(slurm, m1, SAVE_EVERY + 2, job, log)
+        slurm.cmd("scontrol", "requeue", job)
+        slurm.wait_state(job, {"PENDING"}, 60, files=[log])
+        slurm.cmd("scontrol", "update", f"jobid={job}", "numnodes=1-1", "numtasks=1")
+        rec = slurm.wait_done(job, JOB_WAIT, files=[log])
+    text = log.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", tail(log, 60)
+    assert "2 ranks (2 node(s) x 1 task(s)" in text and "1 ranks (1 node(s) x 1 task(s)" in text
+    assert "written by 2 rank(s), this run has 1" in text and "converted " in text
+    got, ref = train_records(m1), reference["p1"]
+    assert sorted(got) == list(range(1, P1_STEPS + 1))
+    for step in range(1, P1_STEPS + 1):
+        assert {k for r in got[step]["keys"] for k in r} == {k for r in ref[step]["keys"] for k in r}, step
+        assert got[step]["lr"] == ref[step]["lr"]

@@ -114,56 +114,93 @@ def seed_all(seed: int) -> None:
 # Training checkpoints
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a resume loads from: a tag of load_dir, the universal conversion of it when the rank count
+    changed (the engine must then be built with ``checkpoint.load_universal``)."""
+
+    load_dir: str
+    tag: str
+    saved_world: int
+    universal: bool = False
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+
 class Checkpointer:
     """Saves and resumes a training run's checkpoints in ``ckpt_dir``, keeping the newest ``keep``.
 
     ``meta`` is the run's fixed description stored with every checkpoint (run/model/ds config, tokenizer
-    fingerprint, max_seq_len, format_version); ``save`` adds the trainer's per-rank state, gathered."""
+    fingerprint, max_seq_len, format_version); ``save`` adds the trainer's per-rank state, gathered. A
+    checkpoint of N ranks resumes on M ranks through DeepSpeed's universal checkpoint (``plan``), and the
+    loader continues from the same global sample."""
 
-    def __init__(self, ckpt_dir: str, keep: int, meta: dict):
-        self.dir, self.keep, self.meta = ckpt_dir, keep, meta
+    def __init__(self, ckpt_dir: str, keep: int, meta: dict, log=print):
+        self.dir, self.keep, self.meta, self.log = ckpt_dir, keep, meta, log
         self.last_saved: Optional[str] = None
 
     def save(self, engine, state: dict) -> str:
         """Collective: every rank calls it with its own ``state`` (Trainer.state_dict())."""
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
         rank, world = dist.rank_world()
         step = state["step"]
         tag = tag_for(step)
         client = {"step": step, "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                   "data_state": dist.all_gather_object(state["data_state"]),
-                  "rng": dist.all_gather_object(state["rng"]), "world_size": world, **self.meta}
+                  "rng": dist.all_gather_object(state["rng"]), "world_size": world, **self.meta,
+                  # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(self.dir, tag=tag, client_state=client)
         dist.barrier()  # every rank has written its ZeRO partition before anything is deleted
         if rank == 0:
             for old in list_tags(self.dir)[:-self.keep]:
                 if old != tag:
                     shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+                    shutil.rmtree(os.path.join(self.dir, old + UNIVERSAL), ignore_errors=True)
         dist.barrier()
         self.last_saved = os.path.join(self.dir, tag)
         return self.last_saved
 
-    def load(self, engine, resume: tuple[str, Optional[str]]) -> dict:
-        """Load weights, optimizer and scheduler state into ``engine`` (collective); returns this rank's view
-        of the client state (``data_state`` and ``rng`` of its own rank) after checking it fits this run."""
+    def plan(self, resume: tuple[str, Optional[str]]) -> Resume:
+        """Before the engine exists (collective): which folder to load, converting the checkpoint to a universal
+        one beside it (rank 0, once) when it was written by another number of ranks."""
         load_dir, tag = resume
         tag = tag or latest_tag(load_dir)
-        path, client = engine.load_checkpoint(load_dir, tag=tag)
+        client = read_client_state(load_dir, tag)
+        saved = int(client.get("world_size") or len(client.get("data_state") or [None]))
+        rank, world = dist.rank_world()
+        if saved == world:
+            return Resume(load_dir, tag, saved)
+        if rank == 0:
+            convert_to_universal(os.path.join(load_dir, tag), self.log)
+        dist.barrier()
+        return Resume(load_dir, tag + UNIVERSAL, saved, universal=True)
+
+    def load(self, engine, resume: Resume) -> dict:
+        """Load weights, optimizer and loss-scale state into ``engine`` (collective); returns this rank's view of
+        the client state (the loader position, its own RNG streams or None for a rank the saving run did not
+        have) after checking it fits this run."""
+        path, client = engine.load_checkpoint(resume.load_dir, tag=resume.tag)
         if path is None:
-            raise ConfigError(f"could not load a checkpoint from {load_dir} (tag {tag or 'latest'})")
-        path = os.path.join(load_dir, tag)
-        self.check(client, path)
+            raise ConfigError(f"could not load a checkpoint from {resume.path}")
+        self.check(client, resume.path)
         if engine.device.type == "cpu":
             from trainer import cpu
 
             cpu.replay_adam_bias_correction(engine)  # else the first resumed update differs by ~1 ulp
         rank, _ = dist.rank_world()
-        self.last_saved = path
+        self.last_saved = os.path.join(resume.load_dir, resume.tag.removesuffix(UNIVERSAL))
+        rngs, states = client["rng"], client["data_state"]
         return {"step": client["step"], "samples_seen": client["samples_seen"], "tokens_seen": client["tokens_seen"],
-                "data_state": client["data_state"][rank], "rng": client["rng"][rank], "path": self.last_saved}
+                "data_state": states[min(rank, len(states) - 1)],  # the position is global: any rank's
+                "rng": rngs[rank] if rank < len(rngs) else None, "path": self.last_saved}
 
     def check(self, client: dict, path: str) -> None:
-        """Refuse a checkpoint this run cannot continue exactly, showing both sides."""
-        _, world = dist.rank_world()
+        """Refuse a checkpoint this run cannot continue, showing both sides."""
         for key in ("step", "samples_seen", "tokens_seen", "data_state", "rng", "tokenizer_fingerprint"):
             if key not in client:
                 raise ConfigError(f"checkpoint {path} lacks client state '{key}': not written by this trainer")
@@ -178,9 +215,71 @@ class Checkpointer:
         if client.get("model_config") != m["model_config"]:
             raise ConfigError(f"checkpoint {path}: model config {client.get('model_config')} differs from the "
                               f"run's {m['model_config']}")
-        if len(client["data_state"]) != world:
-            raise ConfigError(f"checkpoint {path} was written by {len(client['data_state'])} ranks, this run has "
-                              f"{world}")
+        positions = {(d.get("epoch"), d.get("sample_in_epoch")) for d in client["data_state"]}
+        if len(positions) != 1:
+            raise ConfigError(f"checkpoint {path}: its ranks' data positions disagree ({sorted(positions)})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Universal checkpoints (another rank count)
+
+UNIVERSAL = "_universal"  # step_N -> step_N_universal, beside it
+_UNIVERSAL_MANIFEST = "universal_manifest.json"
+
+
+def _listing(folder: str) -> dict[str, int]:
+    """{relative path: size} of every file below ``folder`` but the manifest."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder)
+            if rel != _UNIVERSAL_MANIFEST:
+                out[rel] = os.path.getsize(full)
+    return out
+
+
+def universal_complete(folder: str) -> bool:
+    """Whether ``folder`` is a finished conversion whose files are all there at their sizes."""
+    try:
+        with open(os.path.join(folder, _UNIVERSAL_MANIFEST), encoding="utf-8") as f:
+            return json.load(f)["files"] == _listing(folder)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def convert_to_universal(src: str, log=print, timeout_s: float = 3600) -> str:
+    """DeepSpeed's ds_to_universal of checkpoint folder ``src`` into ``src`` + "_universal", once: written to a
+    temporary folder, listed in a manifest, then renamed into place, so a half-written conversion is never
+    used; one that is incomplete or whose files changed is redone. Returns the universal folder."""
+    import subprocess
+    import time
+
+    target = src.rstrip("/") + UNIVERSAL
+    if universal_complete(target):
+        log(f"universal checkpoint {target} already converted: reused")
+        return target
+    for old in glob.glob(target + ".tmp-*") + ([target] if os.path.exists(target) else []):
+        shutil.rmtree(old, ignore_errors=True)  # a crashed or damaged conversion
+    tmp = f"{target}.tmp-{os.getpid()}"
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src, "--output_folder", tmp,
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {src} to a universal checkpoint took over {timeout_s:.0f}s") from None
+    if p.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {src} to a universal checkpoint failed (exit {p.returncode}): "
+                              f"{(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    with open(os.path.join(tmp, _UNIVERSAL_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"source": os.path.abspath(src), "files": _listing(tmp)}, f, indent=1)
+    os.rename(tmp, target)
+    log(f"converted {src} to a universal checkpoint {target} in {time.time() - t0:.0f}s (DeepSpeed's "
+        f"ds_to_universal; once, beside the original)")
+    return target
 
 
 def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[str]]]:
@@ -196,7 +295,7 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[s
     path = os.path.abspath(resume)
     if os.path.isfile(os.path.join(path, "latest")):
         return path, None
-    if os.path.isfile(os.path.join(path, MODEL_STATES)):
+    if any(os.path.isfile(os.path.join(path, f)) for f in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES)):
         return os.path.dirname(path), os.path.basename(path)
     if os.path.isdir(os.path.join(path, "checkpoints")) and latest_tag(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None

@@ -114,6 +114,9 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     resolved = eng.resolve(ds_raw, ds_path, precision.device_facts(device_kind), world)
     ckpt_dir = os.path.join(t.output_dir, "checkpoints")
     resume_from = checkpoint.resolve_resume(t.resume, ckpt_dir)
+    meta = {"run_config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "ds_config": resolved.ds,
+            "tokenizer_fingerprint": fingerprint, "max_seq_len": train_manifest["settings"]["max_seq_len"],
+            "format_version": train_manifest["format_version"]}
 
     rank, local_rank, world = dist.init(t.collective_timeout)
     log(rank, eng.precision_note(resolved))
@@ -135,7 +138,12 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
         _init_weights(model, t.init_from, fingerprint, rank)
     checkpoint.seed_all(t.seed + 1000 * rank)
     flops = flop_counts(model)
-    engine = eng.build_engine(model, resolved.ds)
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m))
+    resume = checkpointer.plan(resume_from) if resume_from is not None else None
+    ds_engine = resolved.ds
+    if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
+        ds_engine = {**ds_engine, "checkpoint": {**(ds_engine.get("checkpoint") or {}), "load_universal": True}}
+    engine = eng.build_engine(model, ds_engine)
     if rank == 0:
         _write_run_files(t.output_dir, cfg, resolved.ds, model_cfg, d.train)
     warmup = run_config.warmup_steps(t)
@@ -149,8 +157,8 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     loader_kw = dict(rank=rank, world_size=world, seed=t.seed, num_workers=d.num_workers,
                      max_bad_samples=d.max_bad_samples)
     try:
-        loader = PretrainLoader(d.train, "train", micro, shuffle=True, loop=True,
-                                dynamic_masking=d.dynamic_masking, **loader_kw)
+        loader = PretrainLoader(d.train, "train", micro, shuffle=True, loop=True, dynamic_masking=d.dynamic_masking,
+                                global_batch=resolved.batch.global_batch, **loader_kw)
     except ValueError as e:
         raise ConfigError(f"data.train: {e}") from None
 
@@ -160,11 +168,7 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
         except ValueError as e:
             raise ConfigError(f"validation data {valid_dir}: {e}") from None
 
-    meta = {"run_config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "ds_config": resolved.ds,
-            "tokenizer_fingerprint": fingerprint, "max_seq_len": train_manifest["settings"]["max_seq_len"],
-            "format_version": train_manifest["format_version"]}
-    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta)
-    state = checkpointer.load(engine, resume_from) if resume_from is not None else None
+    state = checkpointer.load(engine, resume) if resume is not None else None
     metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None)
     validate = None
     if (valid_manifest["splits"]["valid"]["samples"] or 0) > 0:
@@ -188,11 +192,16 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
                       stop=stop, log=lambda m: log(rank, m))
     if state is not None:
         try:
-            trainer.load_state_dict(state)
+            note = trainer.load_state_dict(state)
         except ValueError as e:
             raise ConfigError(f"resume from {state['path']}: {e}") from None
         log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
                   f"{trainer.tokens_seen} tokens seen)")
+        if resume.universal:
+            log(rank, f"the checkpoint was written by {resume.saved_world} rank(s), this run has {world}: weights, "
+                      f"optimizer and loss scale through {resume.path}; the data continues at the same global "
+                      f"sample; dropout streams of ranks >= {resume.saved_world} start fresh"
+                      + (f"; {note}" if note else ""))
     elif t.resume == "auto":
         log(rank, f"no checkpoint in {ckpt_dir}: starting from step 0")
     return trainer.train()

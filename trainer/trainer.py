@@ -83,11 +83,15 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                 "data_state": self._data_state, "rng": checkpoint.rng_state()}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict) -> str:
+        """Restore a state (returns the loader's note, "" unless the global batch changed). ``rng`` is None for a
+        rank the saving run did not have (a run resumed on more ranks): its streams stay as seeded."""
         self.step, self.samples_seen, self.tokens_seen = sd["step"], sd["samples_seen"], sd["tokens_seen"]
-        self.loader.load_state_dict(sd["data_state"])
+        note = self.loader.load_state_dict(sd["data_state"])
         self._data_state = self.loader.state_dict()
-        checkpoint.set_rng_state(sd["rng"])
+        if sd["rng"] is not None:
+            checkpoint.set_rng_state(sd["rng"])
+        return note
 
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> int:
