@@ -1,6 +1,11 @@
-"""Audit a shard folder: decoded examples the way a person debugs them, and statistics.
+"""Audit a shard folder: decoded examples the way a person debugs them, and statistics; or verify every shard.
 
     python -m data.inspect PATH [--split train|valid|all] [--n 3] [--limit N] [--json]
+    python -m data.inspect PATH --verify [--json]
+
+``--verify``: one pass over every shard of both splits against the manifest (sample count, every record
+decodes, token total) with the reader training uses; lists the damaged shards and exits 1 if there are any,
+so a damaged copy is found before a run (the run would skip and count the same samples, data/health.py).
 
 Statistics (over all examples of the split, or the first --limit): example count, length histogram,
 share of short examples and of short target draws, masked positions per example vs Google's formula,
@@ -107,6 +112,36 @@ def render_example(ex: dict, tok) -> str:
     return "\n".join(lines)
 
 
+def verify(path: str, progress: bool = True) -> list[dict]:
+    """Every shard of a folder against its manifest entry: [{"split", "name", "samples", "expected",
+    "corrupt", "tokens", "problems"}], problems empty for a sound shard."""
+    m = shards.read_manifest(path)
+    limits = shards.sample_limits(m)
+    todo = [(s, p, sh) for s in shards.SPLITS for p, sh in zip(shards.shard_paths(path, s), m["splits"][s]["shards"])]
+    from tqdm import tqdm
+
+    rows = []
+    for split, p, sh in tqdm(todo, desc="verify", unit=" shards", disable=not progress, file=sys.stderr):
+        rows.append({"split": split, "name": sh["name"], "expected": sh["samples"],
+                     **shards.verify_shard(p, sh, limits)})
+    return rows
+
+
+def _verify_main(a) -> int:
+    rows = verify(a.path, progress=not a.json)
+    bad = [r for r in rows if r["problems"]]
+    if a.json:
+        print(json.dumps({"shards": len(rows), "damaged": bad}, indent=2))
+    else:
+        for r in bad:
+            print(f"{r['name']}: {'; '.join(r['problems'])}")
+        samples = sum(r["expected"] for r in rows)
+        lost = sum(r["expected"] - min(r["samples"], r["expected"]) + r["corrupt"] for r in bad)
+        print(f"verified {len(rows)} shards of {a.path} ({samples} samples): "
+              + (f"{len(bad)} damaged, {lost} samples lost" if bad else "all sound"))
+    return 1 if bad else 0
+
+
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +150,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=3, help="examples to print")
     ap.add_argument("--limit", type=int, default=None, help="statistics over the first N examples")
     ap.add_argument("--json", action="store_true", help="machine-readable statistics only")
+    ap.add_argument("--verify", action="store_true", help="check every shard against the manifest (exit 1: damaged)")
     a = ap.parse_args(argv)
+    if a.verify:
+        return _verify_main(a)
     m = shards.read_manifest(a.path)
     tok_dir = os.path.join(a.path, "tokenizer")
     tok = load_tokenizer(tok_dir)

@@ -27,11 +27,13 @@ a shard is the ``k``-th sample the archive yields, so damage stays inside its sh
 truncated or garbled shard loses its own samples from the damage on, and every other shard decodes as if
 nothing happened (the positions come from the manifest's counts, not from the bytes).
 
-Corrupt data: a sample whose bytes fail ``decode_sample`` (or the checks below), or that is missing because
-its shard is damaged, is dropped from its batch (the batch is one row shorter) and counted; the stream stays
-deterministic because the failure is a property of the bytes. What a worker found rides inside the batch to
-the main process, which logs each damaged shard once and each corrupt sample (``.stats``); past
-``max_bad_samples`` the iterator raises ``DataCorruptionError``.
+Damaged data: a sample whose bytes fail ``decode_sample`` (or the checks below) is *corrupt*; one whose shard is
+missing, unreadable, truncated or garbled before it is *missing*. Either is dropped from its batch (the batch
+is one row shorter; one that lost every sample becomes an ``is_padding`` batch) and counted; the stream stays deterministic because the failure is a property of the
+bytes. What a worker found (the shards it opened, the damaged ones with their found/expected counts, the
+corrupt samples) rides inside the batches to the main process, which logs each damaged shard once and keeps
+the counts (``.stats``, ``.health_report()``). Whether the run may go on is decided over all ranks by
+``data.health.DataHealth``.
 
 Workers start from a fork server (``multiprocessing_context="forkserver"``): a worker forked from the
 training process itself, once it runs threads (queue feeders, TensorBoard's writer), can block forever in
@@ -46,6 +48,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -55,7 +58,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import masking
 from data.errors import DataError
-from data.shards import ShardScan, decode_sample, iter_samples, read_manifest, shard_paths
+from data.shards import (ShardScan, check_sample, decode_sample, iter_samples, read_manifest, sample_limits,
+                         shard_paths, verify_shard)
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +79,33 @@ def padded_length(longest: int, max_len: int | None = None) -> int:
     return r if max_len is None else min(r, max(longest, max_len))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers ignore the stop signals: Slurm, the deepspeed launcher and a terminal's Ctrl-C signal a rank's
-    whole process group, and torch's worker handlers would end the worker mid-step, crashing the rank before
-    it can save. The rank decides when to stop; its workers end with it (torch's watchdog exits them)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+class _WorkerSignals:
+    """worker_init_fn: a worker obeys SIGTERM from its own rank and ignores everyone else's stop signals.
+
+    Slurm signals every process of a step, and a terminal's Ctrl-C its whole process group; a worker ending
+    then would crash its rank mid-step, before it can save. The rank decides when to stop: it ends the workers
+    itself (torch's shutdown, multiprocessing's exit hook) with SIGTERM, and a worker that ignored that too
+    would leave the rank's exit waiting on it forever. So SIGTERM is blocked and read by one thread that
+    knows the sender (sigwaitinfo): the rank's own is obeyed, others are dropped."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()  # the rank's main process, which builds the DataLoader
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to read, so obey every SIGTERM
+            return
+        # Threads started after this (the result queue's feeder) inherit the block, so only the
+        # watcher below ever receives SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=self._watch, name="sigterm-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == self.owner:
+                os._exit(0)
 
 
 def worker_context():
@@ -91,10 +116,6 @@ def worker_context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["data.loader"])  # only takes effect before the server's first start
     return ctx
-
-
-class DataCorruptionError(DataError):
-    """More corrupt/missing samples than ``max_bad_samples``: the data, not the run, needs fixing."""
 
 
 def model_inputs(batch: dict) -> dict:
@@ -190,7 +211,8 @@ class _Block:
         # sample-in-block -> [start, end) of its record in `blob` and of its key in `keys`; -1 = missing
         self.rec = np.full((size, 2), -1, np.int64)
         self.key = np.full((size, 2), -1, np.int64)
-        self.damaged: list[tuple[str, str]] = []  # (shard name, what is wrong) found by this worker
+        self.damaged: list[tuple[str, str, int, int]] = []  # (shard, what is wrong, found, expected)
+        self.opened: list[tuple[str, int]] = []  # (shard, expected samples) this worker read
         need = np.zeros(size, bool)
         need[self.perm[need_pos - self.start]] = True
         recs, keys, n_rec, n_key = [], [], 0, 0
@@ -199,6 +221,7 @@ class _Block:
             if not need[lo:hi].any():
                 continue
             scan = ShardScan(plan.paths[s])
+            self.opened.append((plan.names[s], hi - lo))
             for k, raw in enumerate(iter_samples(plan.paths[s], scan)):
                 if k >= hi - lo or not need[lo + k]:
                     continue  # more samples than the manifest says are reported below, never used
@@ -212,7 +235,7 @@ class _Block:
                 n_key += len(key)
             problem = scan.describe(hi - lo)
             if problem:
-                self.damaged.append((plan.names[s], problem))
+                self.damaged.append((plan.names[s], problem, min(scan.samples, hi - lo), hi - lo))
         self.blob = b"".join(recs)  # two bytes objects: no per-sample Python objects kept
         self.keys = b"".join(keys)
 
@@ -246,41 +269,36 @@ class _Stream(IterableDataset):
                     for e, p in zip(epochs.tolist(), pos.tolist())]
             for key in [key for key in blocks if key < (int(epochs[0]), bidx[0])]:
                 del blocks[key]  # never revisited: positions only grow
-            new_bad: list[tuple[str, str]] = []
-            rows, bad, notes = [], 0, []
+            new_bad: list[tuple[str, str, int, int]] = []
+            opened: list[tuple[str, int]] = []
+            rows, missing, notes = [], 0, []
             for e, p, b in zip(epochs.tolist(), pos.tolist(), bidx):
                 blk = blocks.get((e, b))
                 if blk is None:
                     blk = _Block(plan, e, b, plan.needed(self.q0, e, b, w, nw))
                     blocks[(e, b)] = blk
                     new_bad += blk.damaged
+                    opened += blk.opened
                 sample = int(blk.perm[p - blk.start])
                 d = self._decode(blk, sample, e)
-                if isinstance(d, str):
-                    bad += 1
-                    if d:
-                        notes.append(d)
+                if d == "":
+                    missing += 1
+                elif isinstance(d, tuple):
+                    notes.append(d)
                 else:
                     rows.append(d)
-            if not rows:
-                if plan.loop:
-                    raise DataCorruptionError(
-                        f"all {len(pos)} samples of micro batch {k} (epoch {int(epochs[0])}, rank {plan.rank}) are "
-                        f"corrupt or missing: the shards are damaged (see the warnings above)")
+            if not rows:  # every sample lost: a stand-in, so this rank still joins the step's collectives
                 batch = self._padding_batch(k)
             else:
                 batch = self._collate(rows)
-                if not plan.loop:
-                    batch["is_padding"] = False
-            batch["_k"] = k
-            batch["_bad_samples"] = bad
-            batch["_bad_shards"] = new_bad
-            batch["_notes"] = notes
+                batch["is_padding"] = False
+            batch.update(_k=k, _read=len(pos), _missing=missing, _bad_shards=new_bad, _opened=opened, _notes=notes)
             yield batch
             k += nw
 
-    def _decode(self, blk: _Block, sample: int, epoch: int) -> dict | str:
-        """The decoded sample, or why not: "" when its shard lost it (reported once per shard), else a line."""
+    def _decode(self, blk: _Block, sample: int, epoch: int) -> dict | tuple[str, str] | str:
+        """The decoded sample, or why not: "" when its shard lost it (reported once per shard), else
+        (shard, line) for a corrupt record."""
         plan, s = self.plan, self.s
         (a, z), (ka, kz) = blk.rec[sample], blk.key[sample]
         if a < 0:
@@ -288,19 +306,10 @@ class _Stream(IterableDataset):
         key = blk.keys[ka:kz].decode("utf-8")
         try:
             d = decode_sample({"__key__": key, "bin": blk.blob[a:z]})
-            n = len(d["input_ids"])
-            npred = len(d["masked_lm_positions"])
-            if n > s["max_seq_len"]:
-                raise ValueError(f"{n} tokens > max_seq_len {s['max_seq_len']}")
-            if npred and d["masked_lm_positions"].max() >= n:
-                raise ValueError("masked position outside the sequence")
-            if npred > s["max_predictions"]:
-                raise ValueError(f"{npred} predictions > max_predictions {s['max_predictions']}")
-            ids = d["input_ids"]
-            if n and (ids.min() < 0 or ids.max() >= s["vocab_size"]):
-                raise ValueError(f"token id outside [0, {s['vocab_size']})")
-        except ValueError as e:  # decode_sample and the checks above: the bytes are not a valid record
-            return f"shard {blk.shard_name(plan, sample)}: corrupt sample {key!r} skipped: {e}"
+            check_sample(d, *s["limits"])
+        except ValueError as e:  # decode_sample, check_sample: the bytes are not a valid record
+            name = blk.shard_name(plan, sample)
+            return name, f"shard {name}: corrupt sample {key!r} skipped: {e}"
         if s["dynamic_masking"]:
             tokens = masking.restore_original(d["input_ids"], d["masked_lm_positions"], d["masked_lm_ids"])
             rng = masking.sample_rng(plan.seed, epoch, d["__key__"])
@@ -337,7 +346,8 @@ class _Stream(IterableDataset):
                 "keys": [d["__key__"] for d in rows]}
 
     def _padding_batch(self, k: int) -> dict:
-        """One dummy row ([CLS] [SEP], no predictions) so ZeRO-3's collectives still run; not to be counted."""
+        """One dummy row ([CLS] [SEP], no predictions) so the rank still runs the step's collectives (ZeRO's
+        reductions, ZeRO-3's gathers); it is not to be counted, and a trainer gives it zero weight."""
         s = self.s
         row = {"__key__": "", "input_ids": np.array([s["cls_id"], s["sep_id"]]), "segment_ids": np.zeros(2),
                "masked_lm_positions": np.zeros(0, np.int64), "masked_lm_ids": np.zeros(0, np.int64),
@@ -345,7 +355,7 @@ class _Stream(IterableDataset):
         batch = self._collate([row])
         batch["keys"] = []
         batch["is_padding"] = True
-        batch.update({"_k": k, "_bad_samples": 0, "_bad_shards": [], "_notes": []})
+        batch.update(_k=k, _read=0, _missing=0, _bad_shards=[], _opened=[], _notes=[])
         return batch
 
 
@@ -369,7 +379,6 @@ class PretrainLoader:
         shuffle: permute shards and samples per epoch (False: manifest order).
         loop: True = endless epochs, remainder dropped (training); False = one pass, padded (eval).
         dynamic_masking: re-draw the masked positions per (seed, epoch, key) with Google's 80/10/10 rules.
-        max_bad_samples: corrupt/missing samples this rank tolerates before DataCorruptionError.
         block_shards: shards per shuffle block (the shuffle window; a worker keeps <= 2 blocks' worth of
             its own samples' bytes).
         prefetch_factor: batches each worker prepares ahead (DataLoader's).
@@ -380,8 +389,7 @@ class PretrainLoader:
 
     def __init__(self, shard_dir: str | os.PathLike, split: str, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 1, shuffle: bool = True,
-                 loop: bool = True, dynamic_masking: bool = False, max_bad_samples: int = 100,
-                 block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S,
+                 loop: bool = True, dynamic_masking: bool = False, block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S,
                  global_batch: Optional[int] = None):
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -391,9 +399,8 @@ class PretrainLoader:
         if global_batch % (micro_batch * world_size):
             raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x "
                              f"world_size {world_size}")
-        if num_workers < 0 or block_shards < 1 or max_bad_samples < 0:
-            raise ValueError(f"num_workers ({num_workers}) and max_bad_samples ({max_bad_samples}) must be >= 0, "
-                             f"block_shards ({block_shards}) >= 1")
+        if num_workers < 0 or block_shards < 1:
+            raise ValueError(f"num_workers ({num_workers}) must be >= 0, block_shards ({block_shards}) >= 1")
         self.shard_dir, self.split = os.fspath(shard_dir), split
         manifest = read_manifest(self.shard_dir)
         paths = shard_paths(self.shard_dir, split)
@@ -403,7 +410,7 @@ class PretrainLoader:
         names = [sh["name"] for sh in shards]
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.num_workers, self.shuffle, self.loop = seed, num_workers, shuffle, loop
-        self.dynamic_masking, self.max_bad_samples, self.block_shards = dynamic_masking, max_bad_samples, block_shards
+        self.dynamic_masking, self.block_shards = dynamic_masking, block_shards
         self.prefetch_factor, self.timeout_s, self.global_batch = prefetch_factor, timeout_s, global_batch
         self._plan = _Plan(names=names, paths=paths, counts=counts, rank=rank, world_size=world_size,
                            micro_batch=micro_batch, seed=seed, shuffle=shuffle, loop=loop, block_shards=block_shards,
@@ -415,7 +422,7 @@ class PretrainLoader:
             "max_seq_len": int(st["max_seq_len"]), "max_predictions": int(st["max_predictions"]),
             "masked_lm_prob": float(st.get("masked_lm_prob", 0.15)), "vocab_size": int(tok["vocab_size"]),
             "pad_id": int(tok["pad_id"]), "cls_id": int(tok["cls_id"]), "sep_id": int(tok["sep_id"]),
-            "mask_id": int(tok["mask_id"]), "dynamic_masking": dynamic_masking,
+            "mask_id": int(tok["mask_id"]), "dynamic_masking": dynamic_masking, "limits": sample_limits(manifest),
         }
         self.pad_id = self._settings["pad_id"]
         self.max_predictions = self._settings["max_predictions"]
@@ -424,8 +431,12 @@ class PretrainLoader:
         self._q0 = 0  # stream position where the current (or next) iteration starts
         self._next_k = 0  # micro batches yielded since then
         self._resume_pending = False
-        self._bad_samples = 0
-        self._bad_shard_names: set[str] = set()
+        # what this rank's iterations found (since this loader was made): positions reached, corrupt and missing
+        # samples among them, the shards its workers opened and those found damaged (name -> found, expected)
+        self._read = self._missing = 0
+        self._corrupt: dict[str, int] = {}  # shard -> corrupt samples
+        self._opened: dict[str, int] = {}
+        self._damaged: dict[str, dict] = {}
 
     # --- sizes -------------------------------------------------------------------------------------
     @property
@@ -455,7 +466,7 @@ class PretrainLoader:
             # creating an iterator never shifts the dropout stream (resume restores it in any order).
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                      persistent_workers=False, prefetch_factor=self.prefetch_factor,
-                                     collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                                     collate_fn=_identity, worker_init_fn=_WorkerSignals(),
                                      multiprocessing_context=worker_context(), timeout=_POLL_S,
                                      generator=torch.Generator().manual_seed(self.seed)))
             source = self._bounded(source)
@@ -493,30 +504,43 @@ class PretrainLoader:
             k = batch.pop("_k")
             if k != self._next_k:
                 raise RuntimeError(f"loader order broken: got micro batch {k}, expected {self._next_k}")
-            self._bad_samples += int(batch.pop("_bad_samples"))
-            for name, problem in batch.pop("_bad_shards"):
-                if name not in self._bad_shard_names:  # every worker reading it finds it: say it once
-                    log.warning("shard %s: %s; its missing samples are skipped", name, problem)
-                    self._bad_shard_names.add(name)
-            for note in batch.pop("_notes"):
-                log.warning("%s", note)
             self._next_k = k + 1
-            for k in MODEL_INPUT_KEYS:
-                batch[k] = torch.from_numpy(batch[k])
-            if self._bad_samples > self.max_bad_samples:
-                raise DataCorruptionError(
-                    f"{self.shard_dir} split {self.split!r}: {self._bad_samples} corrupt or missing samples on rank "
-                    f"{self.rank}, more than max_bad_samples={self.max_bad_samples}; bad shards: "
-                    f"{sorted(self._bad_shard_names) or 'none (individual samples)'}. Rebuild or remove the "
-                    f"damaged shards (the warnings above name shard and key), or raise max_bad_samples.")
+            self._read += int(batch.pop("_read"))
+            self._missing += int(batch.pop("_missing"))
+            self._opened.update(batch.pop("_opened"))
+            for name, problem, found, expected in batch.pop("_bad_shards"):
+                if name not in self._damaged:  # every worker reading it finds it: say it once
+                    log.warning("shard %s: %s; its missing samples are skipped", name, problem)
+                    self._damaged[name] = {"problem": problem, "found": found, "expected": expected}
+            for name, note in batch.pop("_notes"):
+                self._corrupt[name] = self._corrupt.get(name, 0) + 1
+                log.warning("%s", note)
+            for key in MODEL_INPUT_KEYS:
+                batch[key] = torch.from_numpy(batch[key])
             yield batch
 
     # --- stats and state ---------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
-        """This rank's skip counts (bad_samples: dropped from its batches; bad_shards: distinct damaged shards)."""
-        return {"bad_samples": self._bad_samples, "bad_shards": len(self._bad_shard_names),
-                "bad_shard_names": sorted(self._bad_shard_names)}
+        """This rank's counts since the loader was made: corrupt and missing samples among its positions, and the
+        damaged shards its workers found (names)."""
+        return {"corrupt_samples": sum(self._corrupt.values()), "missing_samples": self._missing, "bad_shards": len(self._damaged),
+                "bad_shard_names": sorted(self._damaged)}
+
+    def recheck(self, names: list[str]) -> dict[str, list[str]]:
+        """A full check (data.shards.verify_shard) of those of ``names`` that are in this split: name -> its
+        problems, empty when the shard is sound now (replaced since it was found damaged)."""
+        m = read_manifest(self.shard_dir)
+        entries = {sh["name"]: (p, sh) for p, sh in zip(shard_paths(self.shard_dir, self.split),
+                                                         m["splits"][self.split]["shards"])}
+        limits = sample_limits(m)
+        return {n: verify_shard(*entries[n], limits)["problems"] for n in names if n in entries}
+
+    def health_report(self) -> dict:
+        """What data.health.DataHealth adds up over the ranks: positions reached, corrupt and missing samples,
+        shards opened (name -> samples) and damaged (name -> problem, found, expected)."""
+        return {"read": self._read, "corrupt": dict(self._corrupt), "missing": self._missing, "opened": dict(self._opened),
+                "damaged": {k: dict(v) for k, v in self._damaged.items()}}
 
     def state_dict(self) -> dict:
         epoch, sample_in_epoch = divmod(self.position, self._plan.used) if self.loop else (0, self.position)
@@ -530,7 +554,6 @@ class PretrainLoader:
             "shuffle": self.shuffle, "loop": self.loop, "block_shards": self.block_shards,
             "dynamic_masking": self.dynamic_masking, "split": self.split,
             "num_samples": self._plan.N, "shards_digest": self._digest,
-            "bad_samples": self._bad_samples, "bad_shard_names": sorted(self._bad_shard_names),
         }
 
     def load_state_dict(self, sd: dict) -> str:
@@ -561,6 +584,4 @@ class PretrainLoader:
         self._q0 = epoch * self._plan.used + sie if self.loop else sie
         self._next_k = 0
         self._resume_pending = True
-        self._bad_samples = int(sd.get("bad_samples", 0))
-        self._bad_shard_names = set(sd.get("bad_shard_names", []))
         return note

@@ -150,6 +150,20 @@ def decode_sample(raw: dict) -> dict:
     return decode_record(key, bytes(data) if not isinstance(data, bytes) else data)
 
 
+def check_sample(d: dict, max_seq_len: int, max_predictions: int, vocab_size: int) -> None:
+    """Raise ValueError when a decoded sample breaks its manifest's limits: bytes that decode into a record
+    header can still be garbage, and a token id past the vocabulary would crash the embedding."""
+    n, npred, ids = len(d["input_ids"]), len(d["masked_lm_positions"]), d["input_ids"]
+    if n > max_seq_len:
+        raise ValueError(f"{n} tokens > max_seq_len {max_seq_len}")
+    if npred and d["masked_lm_positions"].max() >= n:
+        raise ValueError("masked position outside the sequence")
+    if npred > max_predictions:
+        raise ValueError(f"{npred} predictions > max_predictions {max_predictions}")
+    if n and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token id outside [0, {vocab_size})")
+
+
 class ShardScan:
     """What reading one shard found: samples read before the end or the damage, and the damage if any."""
 
@@ -157,16 +171,28 @@ class ShardScan:
         self.path, self.samples, self.error = path, 0, None
 
     def describe(self, expected: int) -> str | None:
-        """None when the shard was read whole with ``expected`` samples; else what is wrong, in words."""
-        if self.error is None and self.samples == expected:
+        """None when the shard gave its ``expected`` samples (damage after the last one loses nothing); else what
+        is wrong, in words."""
+        if self.samples == expected:
             return None
-        why = f"{self.error}; " if self.error else ""
-        return f"{why}{self.samples} samples read, manifest says {expected}"
+        why = self.error or self._silent_end()
+        return f"{why}; {self.samples} samples read, manifest says {expected}"
+
+    def _silent_end(self) -> str:
+        """Why tar stopped without an error: the file lacks its end-of-archive blocks (two zero 512-byte
+        blocks), or tar took a damaged header in the middle for the end."""
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+        if len(tail) < 1024 or tail.strip(b"\0"):
+            return f"truncated: the archive ends at byte {size} without its end-of-archive marker"
+        return "a damaged member header: tar stops reading there"
 
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError):
-        return "missing"
+        return "missing: no such file"
     if isinstance(e, OSError):
         return f"unreadable ({e.strerror or e})"
     msg = str(e.args[0]) if e.args else str(e)
@@ -201,6 +227,33 @@ def iter_samples(path: str, scan: ShardScan | None = None) -> Iterator[dict]:
     if current is not None:  # the last sample before the end (or the damage), its members read whole
         scan.samples += 1
         yield current
+
+
+def verify_shard(path: str, entry: dict, limits: tuple[int, int, int]) -> dict:
+    """One pass over a shard against its manifest entry (``samples``, ``tokens``) and the limits of
+    ``check_sample``: {"samples", "corrupt", "tokens", "problems"}, problems empty for a sound shard."""
+    scan = ShardScan(path)
+    corrupt = tokens = 0
+    for raw in iter_samples(path, scan):
+        try:
+            d = decode_sample(raw)
+            check_sample(d, *limits)
+            tokens += len(d["input_ids"])
+        except ValueError:
+            corrupt += 1
+    problem = scan.describe(entry["samples"])
+    problems = [problem] if problem else []
+    if corrupt:
+        problems.append(f"{corrupt} record(s) do not decode")
+    if not problems and tokens != entry["tokens"]:
+        problems.append(f"{tokens} tokens, manifest says {entry['tokens']}")
+    return {"samples": scan.samples, "corrupt": corrupt, "tokens": tokens, "problems": problems}
+
+
+def sample_limits(manifest: dict) -> tuple[int, int, int]:
+    """The ``check_sample`` limits of a shard folder: (max_seq_len, max_predictions, vocab_size)."""
+    st = manifest["settings"]
+    return int(st["max_seq_len"]), int(st["max_predictions"]), int(manifest["tokenizer"]["vocab_size"])
 
 
 def iter_shard(path: str, expected: int | None = None) -> Iterator[dict]:

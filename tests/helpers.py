@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -128,6 +129,20 @@ def base_env(**extra) -> dict:
     return env
 
 
+PRETRAIN = REPO / "launcher" / "pretrain.py"
+
+
+def start_ranks(procs, tmp, ds, cfg, *overrides, world=2, name="ranks"):
+    """``world`` ranks of launcher/pretrain.py on this host (the env:// rendezvous torchrun would set up)."""
+    import sys
+
+    from trainer.dist import free_port
+
+    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return [procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
+                        Path(tmp) / f"{name}{r}", env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+
+
 def write_ds(tmp, name="zero2.json", micro=4, accum=1, lr=1e-3, fp16=True, stage=None, clip=1.0) -> str:
     """A copy of a shipped DeepSpeed JSON with a small batch (micro x accum per rank), lr, precision, stage."""
     import json
@@ -156,3 +171,37 @@ def write_run(tmp, shards, out, model=None, data=None, **train) -> str:
     path = Path(tmp) / f"run_{Path(out).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def train_records(out) -> dict:
+    """step -> the training record of metrics.jsonl in a run folder."""
+    import json
+
+    recs = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            recs[r["step"]] = r
+    return recs
+
+
+def damage(root, name, kind):
+    """Damage one shard the way copies and disks do."""
+    p = os.path.join(root, name)
+    data = open(p, "rb").read()
+    with tarfile.open(p) as tf:
+        offsets = [m.offset for m in tf.getmembers()]
+    if kind == "cut_0.1%":  # a copy interrupted near the end: the end-of-archive blocks and the last record part
+        open(p, "wb").write(data[:len(data) - len(data) // 1000 - 1024 - 500])
+    elif kind == "cut_half":
+        open(p, "wb").write(data[:len(data) // 2])
+    elif kind == "zero_byte":
+        open(p, "wb").close()
+    elif kind == "missing":
+        os.remove(p)
+    elif kind == "garbage_member":  # the first bytes of sample 5's record overwritten: it no longer decodes
+        i = offsets[5] + 512
+        open(p, "wb").write(data[:i] + b"\xff" * 40 + data[i + 40:])
+    elif kind == "garbage_header":  # a member's header overwritten: tar ends there
+        i = offsets[9]
+        open(p, "wb").write(data[:i] + b"\xff" * 512 + data[i + 512:])

@@ -1,9 +1,11 @@
 """python -m data.inspect: readable examples and statistics that agree with the algorithm."""
 
 import json
+import shutil
 
 from data import shards
 from data.inspect import main
+from helpers import damage
 
 
 def test_inspect_json_statistics(data_built, capsys):
@@ -32,3 +34,24 @@ def test_inspect_human_output(data_built, capsys):
 def test_inspect_missing_manifest(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "manifest.json: manifest not found" in capsys.readouterr().err
+
+
+def test_verify_lists_exactly_the_damaged_shards(data_built, tmp_path, capsys):
+    assert main([data_built, "--verify"]) == 0
+    assert "all sound" in capsys.readouterr().out
+    copy = tmp_path / "copy"
+    shutil.copytree(data_built, copy)
+    names = [s["name"] for s in shards.read_manifest(str(copy))["splits"]["train"]["shards"]]
+    assert len(names) >= 3
+    kinds = {names[0]: "cut_0.1%", names[1]: "missing", names[-1]: "garbage_member"}
+    for name, kind in kinds.items():
+        damage(str(copy), name, kind)
+    assert main([str(copy), "--verify"]) == 1
+    out = capsys.readouterr().out
+    listed = [line.split(":")[0] for line in out.splitlines() if not line.startswith("verified")]
+    assert sorted(listed) == sorted(kinds)
+    assert "truncated" in out and "missing: no such file" in out and "1 record(s) do not decode" in out
+    assert main([str(copy), "--verify", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in report["damaged"]} == set(kinds)
+    assert report["shards"] == len(names) + len(shards.read_manifest(str(copy))["splits"]["valid"]["shards"])

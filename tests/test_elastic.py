@@ -5,14 +5,12 @@ samples of the uninterrupted run, and with dropout off the losses follow it clos
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, base_env, write_run
+from helpers import REPO, start_ranks, train_records, write_run
 from trainer.checkpoint import UNIVERSAL, tag_for, universal_complete
-from trainer.dist import free_port
 
 pytestmark = pytest.mark.integration
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")
@@ -31,23 +29,11 @@ def ds_json(tmp, stage):
 
 
 def launch(procs, tmp, name, world, ds, cfg, *overrides):
-    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
-                         Path(tmp) / f"{name}_rank{r}", env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(world)]
+    ranks = start_ranks(procs, tmp, ds, cfg, *overrides, world=world, name=f"{name}_rank")
     codes = procs.wait(ranks, 600)
     logs = ["".join(procs.output(p)) for p in ranks]
     assert codes == [0] * world, logs[0][-4000:]
     return logs[0]
-
-
-def records(out):
-    recs = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +48,7 @@ def runs(tmp_path_factory, train_shards, session_procs):
         cfg = write_run(tmp, train_shards, tmp / name, model=NO_DROPOUT, data={"num_workers": 1}, max_steps=STEPS,
                         warmup_steps=2, save_every=SAVE, keep_checkpoints=2, log_batch_keys=True)
         launch(session_procs, tmp, name, world, ds, cfg)
-        out[(stage, world)] = {"dir": tmp / name, "ds": ds, "cfg": cfg, "recs": records(tmp / name)}
+        out[(stage, world)] = {"dir": tmp / name, "ds": ds, "cfg": cfg, "recs": train_records(tmp / name)}
     return {"tmp": tmp, **out}
 
 
@@ -75,7 +61,7 @@ def resume_on(procs, runs, tmp_path, stage, saved, world, copy=True):
     ckpt = run_dir / "checkpoints" / tag_for(SAVE)
     log = launch(procs, tmp_path, run_dir.name, world, src["ds"], src["cfg"], f"train.output_dir={run_dir}",
                  f"train.resume={ckpt}")
-    return records(run_dir), log, run_dir
+    return train_records(run_dir), log, run_dir
 
 
 def assert_continues(got, ref):

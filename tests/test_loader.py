@@ -18,7 +18,8 @@ import torch
 
 from data import masking
 from data import shards as ds
-from data.loader import DataCorruptionError, PretrainLoader, model_inputs
+from data.loader import MODEL_INPUT_KEYS, PretrainLoader, model_inputs
+from helpers import damage
 
 VOCAB, PAD, UNK, CLS, SEP, MASK = 120, 0, 1, 2, 3, 4
 MAX_LEN, MAX_PRED = 40, 6
@@ -40,6 +41,7 @@ def _example(rng: np.random.Generator) -> tuple[np.ndarray, int, np.ndarray, np.
 
 def build_shards(root, *, corrupt: dict[str, set[int]] | None = None, seed: int = 7) -> str:
     """Write a shard folder in the contract layout; ``corrupt[shard] = {i, ...}`` garbles those records."""
+    os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     corrupt = corrupt or {}
     splits = {}
@@ -108,7 +110,7 @@ def test_collate_matches_stored_samples(shard_dir, oracle):
     loader = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3)
     assert loader.batches_per_epoch == 200 // 8
     for batch in take(loader, loader.batches_per_epoch):
-        assert set(batch) == set(("keys",) + tuple(model_inputs(batch)))
+        assert set(batch) == set(("keys", "is_padding") + tuple(model_inputs(batch))) and not batch["is_padding"]
         B, S = batch["input_ids"].shape
         lens = [len(oracle[k]["input_ids"]) for k in batch["keys"]]
         assert B == 8 and S % 8 == 0 and max(lens) <= S < max(lens) + 8
@@ -270,51 +272,101 @@ def test_corrupt_samples_skipped_counted_logged(tmp_path, caplog):
         loader = PretrainLoader(root, "train", 8, num_workers=0, seed=1)  # 200 = 25 x 8: nothing dropped
         keys = [k for b in take(loader, 25) for k in b["keys"]]
     assert len(keys) == 197 and not bad_keys & set(keys)
-    assert loader.stats["bad_samples"] == 3 and loader.stats["bad_shards"] == 0
+    assert loader.stats["corrupt_samples"] == 3 and loader.stats["missing_samples"] == 0
+    assert loader.stats["bad_shards"] == 0  # sample-level damage: the shards themselves read whole
     logged = caplog.text
     assert all(k in logged for k in bad_keys) and "train-000001.tar" in logged and "version 99" in logged
     # with workers the counts reach the main process, and resume stays exact over the same damage
-    ref_loader = PretrainLoader(root, "train", 8, num_workers=0, seed=1)
-    ref = take(ref_loader, 30)
+    ref = take(PretrainLoader(root, "train", 8, num_workers=0, seed=1), 30)
     wl = PretrainLoader(root, "train", 8, num_workers=2, seed=1)
     head = take(wl, 12)
-    sd = wl.state_dict()
     again = PretrainLoader(root, "train", 8, num_workers=2, seed=1)
-    again.load_state_dict(sd)
-    tail = take(again, 18)
-    assert_same_batches(head + tail, ref)
-    assert sd["bad_samples"] == wl.stats["bad_samples"]
-    assert again.stats["bad_samples"] == ref_loader.stats["bad_samples"] >= 3  # carried through the state
+    again.load_state_dict(wl.state_dict())
+    assert_same_batches(head + take(again, 18), ref)
     full = PretrainLoader(root, "train", 8, num_workers=2, seed=1)
     take(full, 50)  # exactly two epochs
-    assert full.stats["bad_samples"] == 6
+    assert full.health_report()["corrupt"] == {"train-000001.tar": 4, "train-000004.tar": 2}
+    assert full.health_report()["read"] == 400
 
 
-def test_unreadable_and_truncated_shards(tmp_path):
-    root = build_shards(tmp_path)
-    os.remove(os.path.join(root, "train-000002.tar"))  # 23 samples gone
-    p = os.path.join(root, "train-000003.tar")  # 41 samples; keep the first 10 whole members
-    data = open(p, "rb").read()
-    with tarfile.open(p) as tf:
-        member10 = tf.getmembers()[10].offset
-    with open(p, "wb") as f:
-        f.write(data[:member10 + 512 + 5])  # cut inside member 10's record
-    loader = PretrainLoader(root, "train", 8, num_workers=2, seed=4)
-    keys = [k for b in take(loader, 25) for k in b["keys"]]
-    assert loader.stats["bad_shards"] == 2
-    assert loader.stats["bad_shard_names"] == ["train-000002.tar", "train-000003.tar"]
-    assert loader.stats["bad_samples"] == 23 + 31 == 200 - len(keys)
-    assert not any(k.startswith("train-000002-") for k in keys)
-    assert sorted(k for k in keys if k.startswith("train-000003-")) == [f"train-000003-{i:06d}" for i in range(10)]
+def rows_of(loader, n):
+    """key -> the sample as its batch holds it, padding aside (a shorter batch may pad less), for n batches."""
+    out = {}
+    loader.delivered = 0
+    for batch in take(loader, n):
+        loader.delivered += len(batch["keys"])
+        for i, k in enumerate(batch["keys"]):
+            length = int(batch["attention_mask"][i].sum())
+            out[k] = tuple(batch[f][i][:length].tolist() if f in ("input_ids", "token_type_ids", "attention_mask")
+                           else batch[f][i].tolist() for f in MODEL_INPUT_KEYS)
+    return out
 
 
-def test_threshold_stops_with_clear_message(tmp_path):
-    root = build_shards(tmp_path)
-    os.remove(os.path.join(root, "train-000001.tar"))  # 50 of 200 samples missing
-    loader = PretrainLoader(root, "train", 8, num_workers=0, seed=2, max_bad_samples=20)
-    with pytest.raises(DataCorruptionError, match=r"more than max_bad_samples=20.*train-000001\.tar"):
-        take(loader, 25)
-    assert loader.stats["bad_samples"] > 20
+@pytest.mark.parametrize("kind", ["cut_0.1%", "cut_half", "zero_byte", "missing", "garbage_member", "garbage_header"])
+def test_damage_stays_inside_its_shard(tmp_path, kind):
+    """Whatever happens to one shard, every other shard's samples decode exactly as without the damage, in the
+    same order (the order is the manifest's): 2 ranks, 2 workers each, 3 shuffle blocks, two epochs."""
+    good, bad = build_shards(str(tmp_path / "good")), build_shards(str(tmp_path / "bad"))
+    victim = "train-000001.tar"  # 50 samples, in a block with another shard
+    damage(bad, victim, kind)
+    kw = dict(micro_batch=5, world_size=2, seed=11, num_workers=2, block_shards=2)
+    reports = []
+    for rank in range(2):
+        ref = PretrainLoader(good, "train", rank=rank, **kw)
+        ref_rows = rows_of(ref, 40)  # 200 / (5 x 2) = 20 batches per epoch
+        got_loader = PretrainLoader(bad, "train", rank=rank, **kw)
+        got = rows_of(got_loader, 40)
+        healthy = [k for k in ref_rows if not k.startswith("train-000001-")]
+        assert [k for k in got if not k.startswith("train-000001-")] == healthy  # order kept
+        assert all(got[k] == ref_rows[k] for k in healthy)  # byte for byte
+        damaged_keys = set(got) - set(healthy)
+        assert damaged_keys <= set(ref_rows)  # what survives of the victim is its own, unaltered
+        assert all(got[k] == ref_rows[k] for k in damaged_keys)
+        lost = ref.delivered - got_loader.delivered
+        report = got_loader.health_report()
+        assert sum(report["corrupt"].values()) + report["missing"] == lost and report["read"] == ref.delivered
+        reports.append(report)
+    if kind == "garbage_member":  # sample 5 is read once per epoch, by one rank or the other
+        assert sum(sum(r["corrupt"].values()) for r in reports) == 2 and all(r["damaged"] == {} for r in reports)
+        return
+    assert all(set(r["damaged"]) == {victim} and r["corrupt"] == {} for r in reports)
+    found = reports[0]["damaged"][victim]["found"]
+    assert reports[0]["damaged"][victim]["expected"] == 50
+    assert sum(r["missing"] for r in reports) == 2 * (50 - found)  # two epochs of the lost samples
+    assert found == {"cut_0.1%": 49, "cut_half": 25, "zero_byte": 0, "missing": 0, "garbage_header": 9}[kind]
+
+
+def test_health_counts_each_loss_once_and_names_the_override():
+    from data.health import DataHealth, shard_budget
+
+    h = DataHealth(max_bad_samples=10, max_bad_fraction=0.001, max_bad_shards=1)
+    b_cut = {"problem": "ReadError: unexpected end of data", "found": 95, "expected": 100}
+    two_ranks = [{"read": 40, "corrupt": {"a": 2}, "missing": 3, "opened": {"a": 100, "b": 100}, "damaged": {"b": b_cut}},
+                 {"read": 40, "corrupt": {"a": 1}, "missing": 2, "opened": {"a": 100, "b": 100, "c": 100},
+                  "damaged": {"b": b_cut}}]
+    h.add_reports(two_ranks)
+    h.add_reports(two_ranks)  # the same reports again (merged at a later step): nothing counts twice
+    assert (h.missing, len(h.damaged), sum(h.opened.values()), h.corrupt) == (5, 1, 300, 3)  # b counted once
+    msg = h.verdict()
+    assert "5 of the 300 samples of the shards read so far are missing (1.667%)" in msg
+    assert "more than data.max_bad_fraction=0.001" in msg and "b (ReadError: unexpected end of data)" in msg
+    assert "data.max_bad_fraction=0.0167 data.max_bad_shards=1" in msg and "--verify" in msg
+    h.max_bad_fraction = 0.02
+    assert h.verdict() is None
+    two_ranks[1]["corrupt"] = {"a": 1, "c": 8}
+    h.add_reports(two_ranks)
+    assert "11 corrupt samples" in h.verdict() and "data.max_bad_samples=11" in h.verdict()
+    # it survives a checkpoint; after a resume the new start's counts add to the old ones
+    again = DataHealth(10, 0.02, 1)
+    again.load_state_dict(h.state_dict())
+    assert again.corrupt == 11 and again.suspects() == ["a", "b", "c"]
+    again.add_reports([{"corrupt": {"c": 2}, "opened": {"d": 50}, "damaged": {}}])
+    assert again.corrupt == 13 and again.missing == 5 and set(again.opened) == {"a", "b", "c", "d"}
+    again.forget(["b", "c"])  # replaced: their losses no longer count, the others' do
+    assert (again.corrupt, again.missing, again.suspects(), again.verdict()) == (3, 0, ["a"], None)
+    again.add_reports([{"corrupt": {"c": 2}, "opened": {}, "damaged": {}}])  # later reports: c's forgotten past
+    assert again.corrupt == 5                                                 # stays forgotten
+    assert shard_budget(6, None) == 1 and shard_budget(500, None) == 5 and shard_budget(500, 0) == 0
 
 
 # ---------------------------------------------------------------------------------------------------

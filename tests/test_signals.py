@@ -5,7 +5,6 @@ nothing waits forever and nothing is left behind."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,17 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import REPO, base_env, write_ds, write_run
+from helpers import REPO, base_env, start_ranks, write_ds, write_run
 from trainer.dist import free_port
 
 pytestmark = pytest.mark.integration
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")
-
-
-def start_ranks(procs, tmp, ds, cfg, *overrides, world=2, name="ranks"):
-    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return [procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
-                        Path(tmp) / f"{name}{r}", env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
 
 
 def wait_for(cond, what, ranks, timeout=300):

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 
 from trainer import checkpoint, precision, schedule
 
-from helpers import REPO, base_env, write_ds, write_run
+from helpers import REPO, base_env, train_records, write_ds, write_run
 
 BIN = Path(sys.executable).parent
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")
@@ -73,15 +72,6 @@ def wait_all(procs, ranks):
     """Exit codes and each rank's output (stdout then stderr), bounded by TIMEOUT."""
     codes = procs.wait(ranks, TIMEOUT)
     return codes, ["".join(procs.output(p)) for p in ranks]
-
-
-def train_records(out):
-    recs = {}
-    for line in open(Path(out) / "metrics.jsonl"):
-        r = json.loads(line)
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
 
 
 def val_records(out):
@@ -177,7 +167,7 @@ def test_tensorboard_scalars_and_text_panel(reference_run):
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr",
                 "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "train/tflops", "train/mfu",
-                "train/skipped_steps", "train/data/bad_samples", "val/mlm_loss", "val/perplexity", "val/mlm_acc",
+                "train/skipped_steps", "train/data/corrupt_samples", "train/data/missing_fraction", "val/mlm_loss", "val/perplexity", "val/mlm_acc",
                 "val/nsp_loss", "val/nsp_acc"):
         assert tag in scalars, tag
     assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 10))
@@ -289,32 +279,6 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(train_shards, tmp_pa
         assert a[s]["mlm_loss"] == pytest.approx(b[s]["mlm_loss"], rel=2e-3)
 
 
-def test_corrupt_shard_is_skipped_and_counted_then_threshold_stops(train_shards, tmp_path, procs):
-    shards = tmp_path / "shards"
-    shutil.copytree(train_shards, shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
-    for name in names[:3]:  # half of the train shards: garbage from byte 2048 on
-        path = shards / name
-        data = bytearray(path.read_bytes())
-        data[2048:] = bytes((i * 7 + 3) % 256 for i in range(len(data) - 2048))
-        path.write_bytes(bytes(data))
-    ds = write_ds(tmp_path, micro=8, fp16=False)
-    out = tmp_path / "run"
-    cfg = write_run(tmp_path, str(shards), out, max_steps=6)
-    p = run_plain(procs, tmp_path, ds, cfg)
-    recs = train_records(out)
-    assert sorted(recs) == list(range(1, 7))
-    bad = recs[6]["data/bad_samples"]
-    assert bad > 0 and recs[6]["data/bad_shards"] >= 1
-    assert any(n in p.stdout + p.stderr for n in names[:3])  # the log names the damaged shard
-    # Same data with a zero tolerance: the run stops with a message, not a traceback.
-    out2 = tmp_path / "run_strict"
-    cfg2 = write_run(tmp_path, str(shards), out2, data={"max_bad_samples": 0}, max_steps=6)
-    p = run_plain(procs, tmp_path, ds, cfg2, expect=2)
-    assert "max_bad_samples=0" in p.stderr and "Traceback" not in p.stderr
-
-
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, tmp_path, procs):
     # lr 1e30 (clipping off): the first update multiplies the weights into overflow, the next loss is NaN.
     ds = write_ds(tmp_path, micro=4, lr=1e30, clip=0.0)
@@ -359,8 +323,7 @@ def test_resume_refuses_a_checkpoint_of_another_tokenizer(reference_run, train_s
     with pytest.raises(ConfigError) as e:
         checker(other["fingerprint"]).check(client, "ckpt")
     assert client["tokenizer_fingerprint"] in str(e.value) and other["fingerprint"] in str(e.value)
-    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):  # one process: a world of 1
-        checker(client["tokenizer_fingerprint"]).check(client, "ckpt")
+    checker(client["tokenizer_fingerprint"]).check(client, "ckpt")  # its own tokenizer, another world: fine
 
 
 @pytest.mark.parametrize("overrides, fragment", [

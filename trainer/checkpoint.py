@@ -151,7 +151,8 @@ class Checkpointer:
         tag = tag_for(step)
         client = {"step": step, "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                   "data_state": dist.all_gather_object(state["data_state"]),
-                  "rng": dist.all_gather_object(state["rng"]), "world_size": world, **self.meta,
+                  "rng": dist.all_gather_object(state["rng"]), "world_size": world,
+                  "data_health": state.get("data_health"), **self.meta,
                   # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(self.dir, tag=tag, client_state=client)
@@ -197,7 +198,8 @@ class Checkpointer:
         rngs, states = client["rng"], client["data_state"]
         return {"step": client["step"], "samples_seen": client["samples_seen"], "tokens_seen": client["tokens_seen"],
                 "data_state": states[min(rank, len(states) - 1)],  # the position is global: any rank's
-                "rng": rngs[rank] if rank < len(rngs) else None, "path": self.last_saved}
+                "rng": rngs[rank] if rank < len(rngs) else None, "data_health": client.get("data_health"),
+                "path": self.last_saved}
 
     def check(self, client: dict, path: str) -> None:
         """Refuse a checkpoint this run cannot continue, showing both sides."""

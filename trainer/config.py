@@ -39,7 +39,12 @@ class DataConfig:
     dynamic_masking: bool = False
     """Re-draw the 80/10/10 mask at load time (same rules as the builder)."""
     max_bad_samples: int = 100
-    """Corrupt samples (per rank) tolerated before the run stops; each one is logged and counted."""
+    """Corrupt samples (records that do not decode), over all ranks and the run, tolerated before it stops."""
+    max_bad_fraction: float = 0.001
+    """Samples of damaged shards (missing, truncated, unreadable), as a fraction of the samples of every shard
+    the run has read, tolerated before it stops (each damaged shard's loss counted once, data/health.py)."""
+    max_bad_shards: Optional[int] = None
+    """Damaged shards tolerated (over all ranks); None = 1% of the training split's shards, at least 1."""
 
 
 @dataclass
@@ -123,8 +128,10 @@ class RunConfig:
         for name in ("peak_tflops", "collective_timeout"):
             if getattr(t, name) is not None and getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0 or null, got {getattr(t, name)}")
-        if d.num_workers < 0 or d.max_bad_samples < 0:
-            raise ConfigError("data.num_workers and data.max_bad_samples must be >= 0")
+        if d.num_workers < 0 or d.max_bad_samples < 0 or (d.max_bad_shards is not None and d.max_bad_shards < 0):
+            raise ConfigError("data.num_workers, data.max_bad_samples and data.max_bad_shards must be >= 0")
+        if not 0 <= d.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
 
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(BertConfig)}

@@ -78,20 +78,24 @@ class Verdict:
     stop: bool = False  # a stop was requested (signal) on some rank: save and exit 0
     fatal: Optional[str] = None  # non-finite numbers: exit without saving the bad state
     data_errors: list[str] = field(default_factory=list)  # "rank R: message" of ranks whose data failed
+    damaged: Optional[str] = None  # the data lost more than its thresholds allow (data.health): save, exit 2
+    sums: list[float] = field(default_factory=list)  # the extra numbers, summed over ranks
 
     @property
     def halt(self) -> bool:
-        return self.stop or self.fatal is not None or bool(self.data_errors)
+        return self.stop or self.fatal is not None or bool(self.data_errors) or self.damaged is not None
 
 
-def agree(stop: bool, fatal: Optional[str], data_error: Optional[str], device) -> Verdict:
-    """One all_reduce of three flags; the messages travel (all_gather_object) only when something failed."""
-    flags = torch.tensor([float(stop), float(fatal is not None), float(data_error is not None)], device=device)
+def agree(stop: bool, fatal: Optional[str], data_error: Optional[str], device, extra=()) -> Verdict:
+    """One all_reduce of three flags and the ``extra`` numbers (summed); the messages travel
+    (all_gather_object) only when something failed."""
     import torch.distributed as tdist
 
+    flags = torch.tensor([float(stop), float(fatal is not None), float(data_error is not None), *map(float, extra)],
+                         dtype=torch.float64, device=device)
     if tdist.is_available() and tdist.is_initialized():
         tdist.all_reduce(flags)
-    v = Verdict(stop=bool(flags[0] > 0))
+    v = Verdict(stop=bool(flags[0] > 0), sums=flags[3:].tolist())
     if flags[1] > 0 or flags[2] > 0:
         notes = dist.all_gather_object((fatal, data_error))
         fatals = [f for f, _ in notes if f]

@@ -90,6 +90,7 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from bert import BertForPreTraining
+    from data.health import DataHealth, shard_budget
     from data.loader import PretrainLoader
     from trainer.evaluation import Validator
     from trainer.metrics import MetricsWriter, flop_counts, measure_peak_tflops
@@ -154,8 +155,7 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
 
     micro = resolved.batch.micro
-    loader_kw = dict(rank=rank, world_size=world, seed=t.seed, num_workers=d.num_workers,
-                     max_bad_samples=d.max_bad_samples)
+    loader_kw = dict(rank=rank, world_size=world, seed=t.seed, num_workers=d.num_workers)
     try:
         loader = PretrainLoader(d.train, "train", micro, shuffle=True, loop=True, dynamic_masking=d.dynamic_masking,
                                 global_batch=resolved.batch.global_batch, **loader_kw)
@@ -188,8 +188,10 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
                    peak_lr=peak_lr, warmup=warmup, peak_tflops=peak_tflops, flops=flops, ds_path=ds_path,
                    min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
-    trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, validate=validate,
-                      stop=stop, log=lambda m: log(rank, m))
+    health = DataHealth(d.max_bad_samples, d.max_bad_fraction,
+                        shard_budget(len(train_manifest["splits"]["train"]["shards"]), d.max_bad_shards))
+    trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, health=health,
+                      validate=validate, stop=stop, log=lambda m: log(rank, m))
     if state is not None:
         try:
             note = trainer.load_state_dict(state)

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from data.health import DataHealth
 from trainer import checkpoint, dist
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
@@ -66,9 +67,10 @@ class Window:
 
 class Trainer:
     def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
-                 checkpointer: checkpoint.Checkpointer, validate: Optional[Callable[[int], None]] = None,
-                 stop: Optional[StopFlag] = None, log: Callable[[str], None] = print):
-        self.engine, self.loader, self.cfg, self.info = engine, loader, cfg, info
+                 checkpointer: checkpoint.Checkpointer, health: DataHealth,
+                 validate: Optional[Callable[[int], None]] = None, stop: Optional[StopFlag] = None,
+                 log: Callable[[str], None] = print):
+        self.engine, self.loader, self.cfg, self.info, self.health = engine, loader, cfg, info, health
         self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
         self.step = self.samples_seen = self.tokens_seen = 0
         self.phase = "start"
@@ -77,11 +79,12 @@ class Trainer:
         self._data_state = loader.state_dict()  # position at the last step boundary (what a checkpoint holds)
         self._stream = None
         self._last_eval = -1
+        self._reported = (0, 0, 0)  # (shards opened, damaged, corrupt samples) this rank told the others of
 
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_state": self._data_state, "rng": checkpoint.rng_state()}
+                "data_state": self._data_state, "rng": checkpoint.rng_state(), "data_health": self.health.state_dict()}
 
     def load_state_dict(self, sd: dict) -> str:
         """Restore a state (returns the loader's note, "" unless the global batch changed). ``rng`` is None for a
@@ -91,7 +94,23 @@ class Trainer:
         self._data_state = self.loader.state_dict()
         if sd["rng"] is not None:
             checkpoint.set_rng_state(sd["rng"])
+        if sd.get("data_health"):  # checkpoints from before data.health have none
+            self.health.load_state_dict(sd["data_health"])
+            self._recheck_suspects()
         return note
+
+    def _recheck_suspects(self) -> None:
+        """The shards the checkpoint's run lost samples of are read again: a replaced one is sound, and its
+        losses no longer count (the message that stopped the run said: replace them, run the same command)."""
+        suspects = self.health.suspects()
+        if not suspects:
+            return
+        problems = self.loader.recheck(suspects)
+        sound = [n for n, p in problems.items() if not p]
+        self.health.forget(sound)
+        if sound and self.info.rank == 0:
+            print(f"data: {len(sound)} of {len(suspects)} shard(s) with losses on record are sound now "
+                  f"(replaced): {', '.join(sound)}", flush=True)
 
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> int:
@@ -112,7 +131,7 @@ class Trainer:
         self.stop.install()  # (again: trainer.pretrain installs it before the slow start-up)
         self._stream = iter(self.loader)
         batches, error = self._fetch()
-        verdict = agree(self.stop.requested, None, error, self.engine.device)
+        verdict = self._agree(None, error)
         if not verdict.halt and self.step == 0 and t.eval_every > 0:
             self._validate()  # the starting point, so the curve shows where accuracy began
         win, train_time = Window(), 0.0
@@ -129,7 +148,7 @@ class Trainer:
                 bar.update(1)
                 self._data_state = self.loader.state_dict()  # before the next step's batches are fetched
                 batches, error = self._fetch()
-                verdict = agree(self.stop.requested, fatal, error, self.engine.device)
+                verdict = self._agree(fatal, error)
                 if verdict.fatal:
                     break
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -164,17 +183,35 @@ class Trainer:
                 traceback.print_exc()
             return [], f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
 
+    def _agree(self, fatal: Optional[str], data_error: Optional[str]) -> Verdict:
+        """guards.agree, with the data's health: when any rank's loader found something it had not reported (a
+        shard opened, a damaged shard, a corrupt sample), every rank's report is merged, so that all of them
+        judge the same totals against data.max_bad_* at the same step."""
+        report = self.loader.health_report()
+        known = (len(report["opened"]), len(report["damaged"]), sum(report["corrupt"].values()))
+        verdict = agree(self.stop.requested, fatal, data_error, self.engine.device,
+                        extra=(float(known != self._reported),))
+        if verdict.sums[0] > 0:
+            self.health.add_reports(dist.all_gather_object(report))
+            self._reported = known
+        verdict.damaged = self.health.verdict()
+        return verdict
+
     def _train_step(self, batches: list[dict], win: Window) -> Optional[str]:
         """Forward/backward over the step's micro-batches and the optimizer step; returns a fatal reason."""
         loss_finite = True
         keys = []
         for batch in batches:
-            keys.extend(batch["keys"])
             tensors = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()
                        if k not in ("keys", "is_padding")}
             out = self.engine(**tensors)
+            if batch["is_padding"]:  # all its samples were lost: zero weight, only the collectives run
+                self.engine.backward(out.loss * 0.0)
+                self.engine.step()
+                continue
             self.engine.backward(out.loss)
             self.engine.step()
+            keys.extend(batch["keys"])
             # One device->host transfer per micro-batch (not one per number: each is a sync on a GPU).
             loss, *sums, n_tok, n_pred = torch.stack(
                 [out.loss.detach().float(), *(getattr(out, k).float() for k in SUM_KEYS),
@@ -207,10 +244,8 @@ class Trainer:
 
     def _log(self, win: Window, lr: float, bar) -> float:
         elapsed = time.perf_counter() - win.t0
-        stats = self.loader.stats
-        stat_keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        red = dist.all_reduce_sum([win.loss_sum, win.micro_batches, win.samples, win.tokens, win.flops, *win.sums,
-                                   *(float(stats[k]) for k in stat_keys)], self.engine.device)
+        red = dist.all_reduce_sum([win.loss_sum, win.micro_batches, win.samples, win.tokens, win.flops, *win.sums],
+                                  self.engine.device)
         loss_sum, micro_batches, samples, tokens, flops = red[:5]
         s = dict(zip(SUM_KEYS, red[5:5 + len(SUM_KEYS)]))
         self.samples_seen += int(samples)
@@ -229,7 +264,7 @@ class Trainer:
                "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
         if self.info.precision == "fp16":
             rec["loss_scale"] = loss_scale(self.engine)
-        rec.update({f"data/{k}": v for k, v in zip(stat_keys, red[5 + len(SUM_KEYS):])})
+        rec.update({f"data/{k}": v for k, v in self.health.stats().items()})
         if self.cfg.log_batch_keys:
             rec["keys"] = dist.all_gather_object(win.keys[-1] if win.keys else [])
         self.metrics.scalars(self.step, {k: v for k, v in rec.items() if k not in ("step", "keys")}, prefix="train/")
@@ -255,6 +290,10 @@ class Trainer:
             print(f"error: stopping at step {self.step}: {verdict.fatal}. The bad state was NOT saved; last good "
                   f"checkpoint: {last}. Lower the peak lr in {self.info.ds_path} or check the data, then resume "
                   f"from it.", file=sys.stderr, flush=True)
+        elif verdict.damaged:
+            if self.info.rank == 0:
+                print(f"error: stopping at step {self.step}: {verdict.damaged}. Saved the last good state: {last}.",
+                      file=sys.stderr, flush=True)
         elif verdict.data_errors:
             if self.info.rank == 0:
                 print(f"error: stopping at step {self.step}: the data failed on {len(verdict.data_errors)} rank(s):\n  "
@@ -267,7 +306,7 @@ class Trainer:
         self.log(f"done: {steps} steps ({self.step}/{self.cfg.max_steps}) in {wall:.0f}s, "
                  f"{steps * self.info.global_batch / max(train_time, 1e-9):.1f} samples/s; checkpoint {last}; "
                  f"logs {self.metrics.path}; tensorboard --logdir {self.metrics.tb_dir}")
-        if verdict.fatal or verdict.data_errors:
+        if verdict.fatal or verdict.data_errors or verdict.damaged:
             return EXIT_NONFINITE if verdict.fatal else EXIT_DATA
         dist.shutdown()
         return EXIT_OK
