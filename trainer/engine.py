@@ -180,6 +180,13 @@ def build_engine(model: torch.nn.Module, ds: dict):
     from trainer import dist
 
     dist.bound_collectives()  # DeepSpeed's own groups get the run's collective timeout too
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "raise_error_at_min_scale", False):
+        # fp16: at the minimum loss scale, once hysteresis is used up, DeepSpeed's DynamicLossScaler raises a
+        # bare Exception from inside step() (not configurable from the JSON), so the run would end in a
+        # traceback before trainer.guards.NonFiniteGuard ever counted train.max_nonfinite such steps. It keeps
+        # skipping instead, and the guard stops every rank together, naming the last good checkpoint.
+        scaler.raise_error_at_min_scale = False
     return engine
 
 
