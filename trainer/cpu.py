@@ -183,14 +183,6 @@ def install_kernels(model: nn.Module) -> nn.Module:
 # 4. Adam's bias correction after a resume
 
 
-def _base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrappers (ZeRO / bf16 / fp16 optimizers keep it in ``.optimizer``)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
 def replay_adam_bias_correction(engine) -> int:
     """Bring the hidden beta^t state of DeepSpeed's CPU Adam kernel to where an uninterrupted run has it
     (see 4 above); returns the number of steps replayed (0 when the optimizer is not the CPU FusedAdam).
@@ -201,9 +193,10 @@ def replay_adam_bias_correction(engine) -> int:
     betas), so the object ends with exactly the product the uninterrupted run has."""
     from deepspeed.ops.adam import FusedAdam
 
+    from trainer.engine import base_optimizer
     from trainer.errors import ConfigError
 
-    opt = _base_optimizer(engine)
+    opt = base_optimizer(engine)
     if not isinstance(opt, FusedAdam):
         return 0
     steps = {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"] if "step" in opt.state[p]}

@@ -190,6 +190,14 @@ def build_engine(model: torch.nn.Module, ds: dict):
     return engine
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO / fp16 / bf16 optimizers keep it in ``.optimizer``)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
 def loss_scale(engine) -> Optional[float]:
     """fp16's current dynamic loss scale (None for bf16/fp32)."""
     opt = engine.optimizer

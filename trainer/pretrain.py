@@ -135,13 +135,15 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
         _init_weights(model, t.init_from, fingerprint, rank)
     checkpoint.seed_all(t.seed + 1000 * rank)
     flops = flop_counts(model)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     engine = eng.build_engine(model, resolved.ds)
     if rank == 0:
         _write_run_files(t.output_dir, cfg, resolved.ds, model_cfg, d.train)
     warmup = run_config.warmup_steps(t)
     peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
-    log(rank, f"model {cfg.model.get('preset')} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-              f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, {resolved.batch}, peak lr "
+    log(rank, f"model {cfg.model.get('preset')} ({n_params / 1e6:.1f}M params), "
+              f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, "
+              f"{type(eng.base_optimizer(engine)).__name__}, {resolved.batch}, peak lr "
               f"{peak_lr:g}, warmup {warmup} of {t.max_steps} steps")
     log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
 
