@@ -330,7 +330,9 @@ def cmd_train(a) -> dict:
                          "syncs_per_step": im.syncs}
                         if DEVICE.type == "cuda" else {})})
     rows += untuned
-    by = {r["impl"].split(":")[0]: r for r in rows}
+    by: dict = {}
+    for r in rows:  # with --unpad both, (a) and (b) are their unpadded rows (listed first)
+        by.setdefault(r["impl"].split(":")[0], r)
     ratios = {}
     for c in ("c", "c0"):
         if "a" in by and c in by:
