@@ -23,6 +23,7 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 mkdir -p "$WORK"
 if [ "$DRY" = 1 ] && [ -z "${GPU_CHECK_WORK:-}" ]; then trap 'rm -rf "$WORK"' EXIT; fi
 : >"$LOG"
+rm -f "$OUTDIR/gpu_check.json"
 say() { echo "gpu_check: $*" | tee -a "$LOG"; }
 
 if [ -n "${GPU_CHECK_PYTHON:-}" ]; then PY=$GPU_CHECK_PYTHON
@@ -49,7 +50,7 @@ else
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
             .whl/*.whl >>"$LOG" 2>&1; then
             export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-            setup_detail="installed $(find .whl -maxdepth 1 -name '*.whl' | wc -l) carried wheels into $WORK/site"
+            setup_detail="installed $(find .whl -maxdepth 1 -type f -name '*.whl' | wc -l) carried wheels into $WORK/site"
         else
             setup_ok=false setup_detail="pip could not install .whl/*.whl (its words are in the log)"
         fi
@@ -73,13 +74,19 @@ fi
 say "setup: $($setup_ok && echo ok || echo FAILED): $setup_detail ($(($(date +%s) - START)) s)"
 
 # 2. The stages (the dry run prints the GPU plan first: what the GPU machine will run).
-if [ "$DRY" = 1 ]; then "$PY" scripts/gpu_check.py --plan | tee -a "$LOG"; fi
+if [ "$DRY" = 1 ]; then "$PY" scripts/gpu_check.py --plan | tee -a "$LOG" || true; fi
 args=(--out "$OUTDIR" --work "$WORK" --deadline $((START + BUDGET_S - 10))
       --setup "$($setup_ok && echo pass || echo fail)" --setup-detail "$setup_detail" --setup-wall $(($(date +%s) - START)))
 if [ "$DRY" = 1 ]; then args+=(--dry-run); fi
 rc=0
 timeout --kill-after=10 $((BUDGET_S - ($(date +%s) - START))) "$PY" scripts/gpu_check.py "${args[@]}" || rc=$?
 [ "$rc" != 124 ] || say "the check overran its ${BUDGET_S} s and was stopped; the JSON holds the stages that ended"
+if [ ! -s "$OUTDIR/gpu_check.json" ]; then  # the check could not even start (its error is in the log): say so
+    printf '{"kit": "scripts/gpu_check.sh", "mode": "%s", "summary": {"ok": false}, "error": "%s", "setup": "%s"}\n' \
+        "$([ "$DRY" = 1 ] && echo dry-run || echo gpu)" "scripts/gpu_check.py exited $rc before writing its report" \
+        "${setup_detail//[\"\\]/}" >"$OUTDIR/gpu_check.json"
+    tail -n 20 "$LOG"
+fi
 verdict=$([ "$rc" = 0 ] && echo PASS || echo FAIL)
 say "$verdict (exit $rc) in $(($(date +%s) - START)) s$([ "$DRY" = 1 ] && echo ' (dry run)'): $OUTDIR/gpu_check.json, $LOG"
 exit "$rc"

@@ -149,11 +149,12 @@ def _default_kernel(q, k, v, mask) -> list[str]:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
 def test_sdpa_flash_and_memory_efficient_match_math(dtype, tol, record_property):
     """Flash and memory-efficient SDPA against the math path in float64, forward and backward, on our
     attention's inputs. Flash takes no arbitrary mask: with padding it must refuse (torch then picks another
-    kernel) and the memory-efficient kernel carries the mask. What ran is recorded (junit property)."""
+    kernel) and the memory-efficient kernel carries the mask. What ran is recorded (junit property). The
+    tolerances catch a wrong kernel (errors near 1), not rounding (~1e-3 in fp16, ~1e-2 in bf16)."""
     from torch.nn.attention import SDPBackend
 
     seen = {}
