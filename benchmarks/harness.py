@@ -50,6 +50,12 @@ ANCHORS = [
 ]
 
 
+def _built_on_device():
+    """Where the models are built: on a GPU directly (BERT-large's random init on the host took seconds per
+    model, three models per run); on a CPU as before."""
+    return torch.device(DEVICE) if DEVICE.type == "cuda" else contextlib.nullcontext()
+
+
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -126,7 +132,8 @@ def _loop_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], dtyp
 def _plain_step(cfg: BertConfig, batch: dict, dtype: str, unpad: bool) -> Callable[[], float]:
     """(b) our model (with the host's kernels, as trainer.engine builds it), plain torch loop."""
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg).to(DEVICE).train()
+    with _built_on_device():
+        model = BertForPreTraining(cfg).to(DEVICE).train()
     model.unpad = unpad
     if DEVICE.type == "cpu":
         from trainer import cpu
@@ -144,7 +151,8 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: str) -> Optional[Callable[[], 
         return None
     torch.manual_seed(0)
     hcfg = transformers.BertConfig(**cfg.to_dict(), attn_implementation="sdpa")
-    model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
+    with _built_on_device():
+        model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
     labels = torch.full_like(batch["input_ids"], -100)  # HF's dense labels: -100 = no prediction
     rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(batch["masked_lm_positions"])
     real = batch["masked_lm_weights"] > 0
@@ -168,7 +176,8 @@ def _ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, dtype: str, unpa
     resolved = eng.resolve(ds, ds_config_path, precision.device_facts(DEVICE.type), world=1)
     dist.init()
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg)
+    with _built_on_device():
+        model = BertForPreTraining(cfg)
     model.unpad = unpad
     engine = eng.build_engine(model, resolved.ds)
     b = {k: v.to(engine.device) for k, v in batch.items()}
