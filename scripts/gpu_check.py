@@ -374,7 +374,8 @@ def stage_tests(c: Check, st: Stage) -> None:
     xml = c.work / "gpu_tests.xml"
     xml.unlink(missing_ok=True)
     c.run(st, "pytest", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA",
-                         "-p", "no:cacheprovider", f"--junitxml={xml}", f"--basetemp={c.work / 'pytest'}"])
+                         "-p", "no:cacheprovider", f"--junitxml={xml}", "-o", "junit_family=xunit1",
+                         f"--basetemp={c.work / 'pytest'}"])  # xunit1: per-test properties (record_property)
     cases = parse_junit(xml) if xml.exists() else []
     st.numbers["tests"] = cases
     outcomes = [t["outcome"] for t in cases]

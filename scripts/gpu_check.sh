@@ -6,7 +6,7 @@
 # shards, the FusedAdam JIT build, pytest -m gpu, pretraining with zero2.json, ZeRO-1/3 with a resume, the
 # benchmarks and the no-CPU-workaround check. OUTDIR gets gpu_check.json and gpu_check.log, nothing else.
 #   bash scripts/gpu_check.sh --dry-run [OUTDIR]  on a CPU (CI): validates .whl/ if present (else prints the
-# wheel plan), prints the GPU plan, and runs the same stages on a tiny CPU configuration (about a minute).
+# wheel plan), prints the GPU plan, and runs the same stages on a tiny CPU configuration (60-75 s on 2 cores).
 # A GPU node with network: pip install -e . first (deepspeed, hjson, pydantic, webdataset, blingfire), then
 # the same command; without .whl/ the installed packages are used.
 set -euo pipefail
