@@ -39,6 +39,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The paper's BERT-large run (Devlin et al.): 1M steps of 256 sequences, 90% at seq 128 then 10% at 512.
 PAPER_RUN = {128: 0.9 * 1_000_000 * 256, 512: 0.1 * 1_000_000 * 256}  # sequences per phase
+PAPER_MAX_PRED = {128: 20, 512: 80}  # Google's max_predictions_per_seq of each phase
+# Published BERT-large pretraining rates per device (REFERENCE.md section 7), projected beside ours by `project`.
+# Not measured here: a row says where its number comes from, and how it became sequences/s.
+ANCHORS = [
+    {"device": "A100-80GB", "source": "NVIDIA DeepLearningExamples BERT-large, mixed precision (published)",
+     "samples_per_s": {128: 580.0, 512: 78.0}},
+    {"device": "V100", "source": "DeepSpeed bing_bert BERT-large, sparse MLM + fused kernels + pre-LN (published "
+     "TFLOPS / our FLOPs per full-length sequence)", "tflops": {128: 64.0, 512: 53.0}},
+]
+
+
+def _built_on_device():
+    """Where the models are built: on a GPU directly (BERT-large's random init on the host took seconds per
+    model, three models per run); on a CPU as before."""
+    return torch.device(DEVICE) if DEVICE.type == "cuda" else contextlib.nullcontext()
 
 
 def _sync() -> None:
@@ -117,7 +132,8 @@ def _loop_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], dtyp
 def _plain_step(cfg: BertConfig, batch: dict, dtype: str, unpad: bool) -> Callable[[], float]:
     """(b) our model (with the host's kernels, as trainer.engine builds it), plain torch loop."""
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg).to(DEVICE).train()
+    with _built_on_device():
+        model = BertForPreTraining(cfg).to(DEVICE).train()
     model.unpad = unpad
     if DEVICE.type == "cpu":
         from trainer import cpu
@@ -135,7 +151,8 @@ def _hf_step(cfg: BertConfig, batch: dict, dtype: str) -> Optional[Callable[[], 
         return None
     torch.manual_seed(0)
     hcfg = transformers.BertConfig(**cfg.to_dict(), attn_implementation="sdpa")
-    model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
+    with _built_on_device():
+        model = transformers.BertForPreTraining(hcfg).to(DEVICE).train()
     labels = torch.full_like(batch["input_ids"], -100)  # HF's dense labels: -100 = no prediction
     rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(batch["masked_lm_positions"])
     real = batch["masked_lm_weights"] > 0
@@ -159,7 +176,8 @@ def _ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, dtype: str, unpa
     resolved = eng.resolve(ds, ds_config_path, precision.device_facts(DEVICE.type), world=1)
     dist.init()
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg)
+    with _built_on_device():
+        model = BertForPreTraining(cfg)
     model.unpad = unpad
     engine = eng.build_engine(model, resolved.ds)
     b = {k: v.to(engine.device) for k, v in batch.items()}
@@ -178,7 +196,8 @@ class Impl:
     step: Callable[[], float]
     times: list = field(default_factory=list)
     faults: list = field(default_factory=list)  # minor page faults of the process during the step: the allocator
-    peak_mem: int = 0  # CUDA: most device memory allocated during its steps
+    peak_mem: int = 0  # CUDA: most device memory allocated during its steps (every impl's resident state too)
+    step_mem: int = 0  # CUDA: of that, what its step added on top of what was resident (activations, buffers)
     syncs: int = 0  # CUDA: host synchronisations in one step (torch's sync debug mode)
 
 
@@ -207,6 +226,7 @@ def _timed(impls: list[Impl], warmup: int, repeats: int) -> None:
             _sync()
             if DEVICE.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             im.step()  # ends in .item(): the step has finished when it returns
             _sync()
@@ -214,6 +234,7 @@ def _timed(impls: list[Impl], warmup: int, repeats: int) -> None:
             im.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             if DEVICE.type == "cuda":
                 im.peak_mem = max(im.peak_mem, torch.cuda.max_memory_allocated())
+                im.step_mem = max(im.step_mem, torch.cuda.max_memory_allocated() - resident)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,10 +335,13 @@ def cmd_train(a) -> dict:
                      "samples_per_s": counts["sequences"] / t, "tflops": flops / t / 1e12,
                      "mfu": flops / t / 1e12 / peak, "faults_per_step": statistics.median(im.faults),
                      "malloc": allocator, "times": im.times,
-                     **({"peak_mem_gb": im.peak_mem / 2 ** 30, "syncs_per_step": im.syncs}
+                     **({"peak_mem_gb": im.peak_mem / 2 ** 30, "step_mem_gb": im.step_mem / 2 ** 30,
+                         "syncs_per_step": im.syncs}
                         if DEVICE.type == "cuda" else {})})
     rows += untuned
-    by = {r["impl"].split(":")[0]: r for r in rows}
+    by: dict = {}
+    for r in rows:  # with --unpad both, (a) and (b) are their unpadded rows (listed first)
+        by.setdefault(r["impl"].split(":")[0], r)
     ratios = {}
     for c in ("c", "c0"):
         if "a" in by and c in by:
@@ -330,12 +354,16 @@ def cmd_train(a) -> dict:
           f"peak {peak:.3f} TFLOPS ({dtype} matmul); {device_name()}; host allocator {allocator}")
     cols = [("impl", "{}"), ("step_s", "{:.3f}"), ("tokens_per_s", "{:.1f}"), ("samples_per_s", "{:.2f}"),
             ("tflops", "{:.3f}"), ("mfu", "{:.1%}")]
-    cols += [("peak_mem_gb", "{:.1f}"), ("syncs_per_step", "{}")] if DEVICE.type == "cuda" else \
-        [("faults_per_step", "{:.0f}")]
+    if DEVICE.type == "cuda":
+        cols += [("peak_mem_gb", "{:.1f}"), ("step_mem_gb", "{:.1f}"), ("syncs_per_step", "{}")]
+    else:
+        cols += [("faults_per_step", "{:.0f}")]
     _print_table(rows, cols)
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
-    proj = projection(by["a"]["samples_per_s"], counts["seq_len"]) if "a" in by and a.preset == "large" else None
+    # The paper's data is mostly full-length: project from synthetic full-length batches only.
+    proj = projection(by["a"]["samples_per_s"], counts["seq_len"]) if "a" in by and a.preset == "large" \
+        and not a.data else None
     if proj:
         print(f"the paper's BERT-large phase at seq {proj['seq']} ({proj['sequences']:.3g} sequences) at this rate: "
               f"{proj['device_hours']:,.0f} device-hours on {device_name()} (launcher/bench.py project sums both)")
@@ -344,15 +372,43 @@ def cmd_train(a) -> dict:
             "malloc": allocator, "results": rows, "ratios": ratios, "projection": proj, "peak_rss_mb": _rss_mb()}
 
 
+def sequence_flops(cfg: BertConfig, seq: int, max_pred: int) -> float:
+    """Training FLOPs of one full-length sequence with Google's prediction count (the harness's formula)."""
+    return metrics.step_flops(metrics.flop_counts(_meta_model(cfg)), seq, num_to_predict(seq, max_pred, 0.15), 1, seq)
+
+
+def anchor_rows() -> list[dict]:
+    """The published anchors as device-hours of the paper's run (labelled: derived from published numbers)."""
+    cfg = BertConfig.preset("large")
+    rows = []
+    for anchor in ANCHORS:
+        rate = dict(anchor.get("samples_per_s") or {})
+        for seq, tflops in (anchor.get("tflops") or {}).items():
+            rate[seq] = tflops * 1e12 / sequence_flops(cfg, seq, PAPER_MAX_PRED[seq])
+        hours = {seq: projection(rate[seq], seq)["device_hours"] for seq in PAPER_RUN}
+        rows.append({"device": anchor["device"], "source": anchor["source"], "samples_per_s_128": rate[128],
+                     "samples_per_s_512": rate[512], "phase1_h": hours[128], "phase2_h": hours[512],
+                     "total_h": hours[128] + hours[512]})
+    return rows
+
+
 def cmd_project(a) -> dict:
-    """Device-hours of the paper's full BERT-large run from `train --preset large` results at seq 128 and 512."""
+    """Device-hours of the paper's full BERT-large run from `train --preset large` results at seq 128 and 512,
+    beside the same projection of the published anchors (ANCHORS)."""
+    anchors = anchor_rows()
+    print("published anchors (derived from published numbers, NOT measured here), the paper's run "
+          "(900k steps x 256 x 128 tokens + 100k x 256 x 512):")
+    _print_table(anchors, [("device", "{}"), ("samples_per_s_128", "{:.0f}"), ("samples_per_s_512", "{:.0f}"),
+                           ("phase1_h", "{:,.0f}"), ("phase2_h", "{:,.0f}"), ("total_h", "{:,.0f}")])
+    for r in anchors:
+        print(f"  {r['device']}: {r['source']}")
     rows = []
     for path in a.results:
         with open(path, encoding="utf-8") as f:
             res = json.load(f)
         ours = next(r for r in res["results"] if r["impl"].startswith("a:"))
         proj = projection(ours["samples_per_s"], res["seq"])
-        if res["preset"] == "large" and proj:
+        if res["preset"] == "large" and proj and res.get("data", "synthetic") == "synthetic":
             rows.append({"device": res["machine"]["device"], "dtype": res["dtype"], "seq": res["seq"],
                          "samples_per_s": ours["samples_per_s"], "device_hours": proj["device_hours"]})
     by_key: dict = {}
@@ -364,13 +420,16 @@ def cmd_project(a) -> dict:
             total = sum(p["device_hours"] for p in phases.values())
             table.append({"device": device, "dtype": dtype, "phase1_h": phases[128]["device_hours"],
                           "phase2_h": phases[512]["device_hours"], "total_h": total})
-    _print_table(rows, [("device", "{}"), ("dtype", "{}"), ("seq", "{}"), ("samples_per_s", "{:.1f}"),
-                        ("device_hours", "{:,.0f}")])
+    if rows:
+        _print_table(rows, [("device", "{}"), ("dtype", "{}"), ("seq", "{}"), ("samples_per_s", "{:.1f}"),
+                            ("device_hours", "{:,.0f}")])
     if table:
-        print("the paper's run (900k steps x 256 x 128 tokens + 100k x 256 x 512):")
+        print("measured here, the paper's run (900k steps x 256 x 128 tokens + 100k x 256 x 512):")
         _print_table(table, [("device", "{}"), ("dtype", "{}"), ("phase1_h", "{:,.0f}"), ("phase2_h", "{:,.0f}"),
                              ("total_h", "{:,.0f}")])
-    return {"phases": rows, "paper_run": table}
+    elif a.results:
+        print("measured here: no device has `train --preset large` results at both seq 128 and 512 yet")
+    return {"phases": rows, "paper_run": table, "anchors": anchors}
 
 
 def _host_allocator(choice: str) -> str:
@@ -540,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--deepspeed", default=zero2)
     me.add_argument("--json", default=None)
     pr = sub.add_parser("project", help="device-hours of the paper's BERT-large run from `train` results")
-    pr.add_argument("results", nargs="+", help="train JSONs of --preset large at --seq 128 and 512")
+    pr.add_argument("results", nargs="*", help="train JSONs of --preset large at --seq 128 and 512 (none: the "
+                                               "published anchors only)")
     pr.add_argument("--json", default=None)
     return p
 

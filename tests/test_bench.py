@@ -75,3 +75,28 @@ def test_peak_loader_and_build(tmp_path, train_shards):
                         "--seq", "64", "--max-pred", "9"], tmp_path, "build")
     row = res["results"][0]
     assert row["tokens"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
+
+
+def test_project_sums_both_phases_beside_the_published_anchors(tmp_path):
+    """`project`: the paper's run (0.9 x 1M x 256 sequences at 128, 0.1 x 1M x 256 at 512) in device-hours from
+    `train --preset large` results (synthetic full-length only), and the published anchors, labelled."""
+    def result(seq, rate, data="synthetic"):
+        path = tmp_path / f"large_{seq}_{data.replace('/', '_')}.json"
+        path.write_text(json.dumps({"preset": "large", "seq": seq, "dtype": "fp16", "data": data,
+                                    "machine": {"device": "GPU X"},
+                                    "results": [{"impl": "a: ours+DeepSpeed", "samples_per_s": rate}]}))
+        return str(path)
+
+    res, out = run_bench(["project", result(128, 1000.0), result(512, 100.0), result(128, 5000.0, "shards/x")],
+                         tmp_path, "project")
+    assert "derived from published numbers, NOT measured here" in out
+    a100 = next(r for r in res["anchors"] if r["device"] == "A100-80GB")
+    assert a100["phase1_h"] == pytest.approx(0.9e6 * 256 / 580 / 3600)  # ~110 h
+    assert a100["phase2_h"] == pytest.approx(0.1e6 * 256 / 78 / 3600)  # ~91 h
+    v100 = next(r for r in res["anchors"] if r["device"] == "V100")  # 64 TFLOPS / our FLOPs per sequence
+    fc = metrics.flop_counts(bench._meta_model(BertConfig.preset("large")))
+    assert v100["samples_per_s_128"] == pytest.approx(64e12 / metrics.step_flops(fc, 128, 19, 1, 128))
+    assert [r["seq"] for r in res["phases"]] == [128, 512]  # the real-batch result is not projected
+    (run,) = res["paper_run"]
+    assert run["device"] == "GPU X" and run["total_h"] == pytest.approx(0.9e6 * 256 / 1000 / 3600
+                                                                        + 0.1e6 * 256 / 100 / 3600)

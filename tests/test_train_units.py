@@ -343,3 +343,18 @@ def test_jit_ops_are_built_per_virtualenv_unless_the_user_chose_a_folder():
     assert env["PATH"].split(os.pathsep)[0] == bindir and os.path.exists(os.path.join(bindir, "ninja"))
     env = {"TORCH_EXTENSIONS_DIR": "/scratch/ext", "PATH": f"/usr/bin:{bindir}"}
     assert pin_extensions_dir(env) == "/scratch/ext" and env["PATH"] == f"{bindir}:/usr/bin"
+
+
+def test_resume_accepts_one_tag_folder_of_any_zero_stage(tmp_path):
+    """train.resume / train.init_from may name one tag folder; ZeRO-3 writes zero_pp_rank_0_mp_rank_00_model_states.pt
+    there instead of mp_rank_00_model_states.pt (found by scripts/gpu_check.sh's ZeRO-3 resume)."""
+    from trainer.checkpoint import MODEL_STATES, ZERO3_MODEL_STATES, resolve_resume
+    from trainer.errors import ConfigError
+
+    for name in (MODEL_STATES, ZERO3_MODEL_STATES):
+        tag = tmp_path / name / "checkpoints" / "step_0000003"
+        tag.mkdir(parents=True)
+        (tag / name).write_bytes(b"")
+        assert resolve_resume(str(tag), "unused") == (str(tag.parent), "step_0000003")
+    with pytest.raises(ConfigError, match="ZeRO-3: zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        resolve_resume(str(tmp_path), "unused")

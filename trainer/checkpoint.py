@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_" + MODEL_STATES  # stage 3 writes one per rank instead
 CLIENT_KEYS = ("step", "samples_seen", "tokens_seen", "data_state", "rng", "world_size", "run_config",
                "model_config", "ds_config", "tokenizer_fingerprint", "max_seq_len", "format_version")
 
@@ -297,12 +298,12 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[s
     path = os.path.abspath(resume)
     if os.path.isfile(os.path.join(path, "latest")):
         return path, None
-    if any(os.path.isfile(os.path.join(path, f)) for f in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES)):
+    if any(os.path.isfile(os.path.join(path, name)) for name in (MODEL_STATES, ZERO3_MODEL_STATES)):
         return os.path.dirname(path), os.path.basename(path)
     if os.path.isdir(os.path.join(path, "checkpoints")) and latest_tag(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
     raise ConfigError(f"{resume!r}: not a checkpoints folder with a 'latest' file, a checkpoint tag folder "
-                      f"holding {MODEL_STATES}, nor a run directory with checkpoints")
+                      f"holding {MODEL_STATES} (ZeRO-3: {ZERO3_MODEL_STATES}), nor a run directory with checkpoints")
 
 
 def load_weights(model: torch.nn.Module, init_from: str) -> dict:
@@ -410,7 +411,7 @@ def resolve_tag(checkpoints_dir: str, tag: str | None) -> str:
 def model_states_file(ckpt_dir: str) -> str:
     """Rank 0's model-states file: mp_rank_00_model_states.pt (stages 0-2) or
     zero_pp_rank_0_mp_rank_00_model_states.pt (stage 3, one per rank)."""
-    for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
+    for name in (MODEL_STATES, ZERO3_MODEL_STATES):
         path = os.path.join(ckpt_dir, name)
         if os.path.isfile(path):
             return path

@@ -183,14 +183,6 @@ def install_kernels(model: nn.Module) -> nn.Module:
 # 4. Adam's bias correction after a resume
 
 
-def _base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrappers (ZeRO / bf16 / fp16 optimizers keep it in ``.optimizer``)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
 def replay_adam_bias_correction(engine) -> int:
     """Bring the hidden beta^t state of DeepSpeed's CPU Adam kernel to where an uninterrupted run has it
     (see 4 above); returns the number of steps replayed (0 when the optimizer is not the CPU FusedAdam).
@@ -201,22 +193,24 @@ def replay_adam_bias_correction(engine) -> int:
     betas), so the object ends with exactly the product the uninterrupted run has."""
     from deepspeed.ops.adam import FusedAdam
 
+    from trainer.engine import base_optimizer
     from trainer.errors import ConfigError
 
-    opt = _base_optimizer(engine)
+    opt = base_optimizer(engine)
     if not isinstance(opt, FusedAdam):
         return 0
-    steps = {int(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"] if "step" in opt.state[p]}
+    # Every state entry, not the groups' params: ZeRO-3 points its groups at one sub-group's fp32 partition
+    # only while that sub-group steps (empty lists otherwise), which made this replay nothing there.
+    steps = {int(s["step"]) for s in opt.state.values() if "step" in s}
     if len(steps) > 1:
-        # ZeRO 1/2 step every partition together; different counts mean per-parameter steps we cannot replay.
+        # ZeRO steps every partition together; different counts mean per-parameter steps we cannot replay.
         raise ConfigError(f"optimizer state has different step counts per parameter {sorted(steps)}: cannot "
                           f"restore the CPU Adam kernel's bias-correction state exactly")
     last = steps.pop() if steps else 0
     empty = torch.empty(0)
     noop = torch.zeros(1, dtype=torch.int)
-    groups = [g for g in opt.param_groups if g["params"]]
     for t in range(1, last + 1):
-        for g in groups:
+        for g in opt.param_groups:
             beta1, beta2 = g["betas"]
             # lr, eps, weight decay only matter for elements, and there are none.
             opt.multi_tensor_adam(2048 * 32, noop, [[empty], [empty], [empty], [empty]], 0.0, beta1, beta2,

@@ -180,7 +180,22 @@ def build_engine(model: torch.nn.Module, ds: dict):
     from trainer import dist
 
     dist.bound_collectives()  # DeepSpeed's own groups get the run's collective timeout too
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "raise_error_at_min_scale", False):
+        # fp16: at the minimum loss scale, once hysteresis is used up, DeepSpeed's DynamicLossScaler raises a
+        # bare Exception from inside step() (not configurable from the JSON), so the run would end in a
+        # traceback before trainer.guards.NonFiniteGuard ever counted train.max_nonfinite such steps. It keeps
+        # skipping instead, and the guard stops every rank together, naming the last good checkpoint.
+        scaler.raise_error_at_min_scale = False
     return engine
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO / fp16 / bf16 optimizers keep it in ``.optimizer``)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
 
 
 def loss_scale(engine) -> Optional[float]:

@@ -141,6 +141,7 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     flops = flop_counts(model)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m))
     resume = checkpointer.plan(resume_from) if resume_from is not None else None
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     ds_engine = resolved.ds
     if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
         ds_engine = {**ds_engine, "checkpoint": {**(ds_engine.get("checkpoint") or {}), "load_universal": True}}
@@ -149,8 +150,9 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
         _write_run_files(t.output_dir, cfg, resolved.ds, model_cfg, d.train)
     warmup = run_config.warmup_steps(t)
     peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
-    log(rank, f"model {cfg.model.get('preset')} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-              f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, {resolved.batch}, peak lr "
+    log(rank, f"model {cfg.model.get('preset')} ({n_params / 1e6:.1f}M params), "
+              f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, "
+              f"{type(eng.base_optimizer(engine)).__name__}, {resolved.batch}, peak lr "
               f"{peak_lr:g}, warmup {warmup} of {t.max_steps} steps")
     log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
 
