@@ -511,8 +511,8 @@ def cmd_build(a) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         cpu0 = _children_cpu() + time.process_time()
-        m = build(a.input, tok, os.path.join(out, "shards"), BuildSettings(max_seq_len=a.seq, max_predictions=a.max_pred),
-                  workers=a.workers, progress=False)
+        m = build(a.input, tok, os.path.join(out, "shards"),
+                  BuildSettings(max_seq_len=a.seq, max_predictions=a.max_pred), workers=a.workers, progress=False)
         wall = time.perf_counter() - t0
         cpu = _children_cpu() + time.process_time() - cpu0
     tokens = m["stats"]["tokens"]

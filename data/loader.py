@@ -29,11 +29,11 @@ nothing happened (the positions come from the manifest's counts, not from the by
 
 Damaged data: a sample whose bytes fail ``decode_sample`` (or the checks below) is *corrupt*; one whose shard is
 missing, unreadable, truncated or garbled before it is *missing*. Either is dropped from its batch (the batch
-is one row shorter; one that lost every sample becomes an ``is_padding`` batch) and counted; the stream stays deterministic because the failure is a property of the
-bytes. What a worker found (the shards it opened, the damaged ones with their found/expected counts, the
-corrupt samples) rides inside the batches to the main process, which logs each damaged shard once and keeps
-the counts (``.stats``, ``.health_report()``). Whether the run may go on is decided over all ranks by
-``data.health.DataHealth``.
+is one row shorter; one that lost every sample becomes an ``is_padding`` batch) and counted; the stream stays
+deterministic because the failure is a property of the bytes. What a worker found (the shards it opened, the
+damaged ones with their found/expected counts, the corrupt samples) rides inside the batches to the main
+process, which logs each damaged shard once and keeps the counts (``.stats``, ``.health_report()``). Whether
+the run may go on is decided over all ranks by ``data.health.DataHealth``.
 
 Workers start from a fork server (``multiprocessing_context="forkserver"``): a worker forked from the
 training process itself, once it runs threads (queue feeders, TensorBoard's writer), can block forever in
@@ -389,8 +389,8 @@ class PretrainLoader:
 
     def __init__(self, shard_dir: str | os.PathLike, split: str, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 1, shuffle: bool = True,
-                 loop: bool = True, dynamic_masking: bool = False, block_shards: int = 4, prefetch_factor: int = 2, timeout_s: float = WORKER_TIMEOUT_S,
-                 global_batch: Optional[int] = None):
+                 loop: bool = True, dynamic_masking: bool = False, block_shards: int = 4, prefetch_factor: int = 2,
+                 timeout_s: float = WORKER_TIMEOUT_S, global_batch: Optional[int] = None):
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= rank < world_size:
@@ -524,8 +524,8 @@ class PretrainLoader:
     def stats(self) -> dict:
         """This rank's counts since the loader was made: corrupt and missing samples among its positions, and the
         damaged shards its workers found (names)."""
-        return {"corrupt_samples": sum(self._corrupt.values()), "missing_samples": self._missing, "bad_shards": len(self._damaged),
-                "bad_shard_names": sorted(self._damaged)}
+        return {"corrupt_samples": sum(self._corrupt.values()), "missing_samples": self._missing,
+                "bad_shards": len(self._damaged), "bad_shard_names": sorted(self._damaged)}
 
     def recheck(self, names: list[str]) -> dict[str, list[str]]:
         """A full check (data.shards.verify_shard) of those of ``names`` that are in this split: name -> its
@@ -539,8 +539,8 @@ class PretrainLoader:
     def health_report(self) -> dict:
         """What data.health.DataHealth adds up over the ranks: positions reached, corrupt and missing samples,
         shards opened (name -> samples) and damaged (name -> problem, found, expected)."""
-        return {"read": self._read, "corrupt": dict(self._corrupt), "missing": self._missing, "opened": dict(self._opened),
-                "damaged": {k: dict(v) for k, v in self._damaged.items()}}
+        return {"read": self._read, "corrupt": dict(self._corrupt), "missing": self._missing,
+                "opened": dict(self._opened), "damaged": {k: dict(v) for k, v in self._damaged.items()}}
 
     def state_dict(self) -> dict:
         epoch, sample_in_epoch = divmod(self.position, self._plan.used) if self.loop else (0, self.position)

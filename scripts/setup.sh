@@ -15,7 +15,7 @@ from deepspeed.accelerator import get_accelerator as a
 if a().device_name() == 'cpu':  # on CUDA, FusedAdam is built on first use by the GPU node's own toolchain
     [a().create_op_builder(n).load(verbose=False) for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]" 2>&1 \
     | grep -v -e '^\[' -e 'WARNING' || true
-# CPU training runs on tcmalloc when it is installed (trainer/malloc.py: DeepSpeed's step on glibc's malloc took
+# CPU training runs on tcmalloc when it is installed (trainer/cpu.py: DeepSpeed's step on glibc's malloc took
 # 45-77% longer, re-faulting its per-step buffers). Installed here when we may; otherwise a note says how.
 if ! .venv/bin/python -c "import sys; from trainer.cpu import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -17,6 +17,18 @@ DATA_BUILD = BuildSettings(max_seq_len=128, max_predictions=20, dupe_factor=3, v
                            shard_size=1500, block_docs=200, seed=7)
 
 
+# Fixtures that start real processes (launchers, ranks, Slurm daemons). A test that needs one, directly or
+# through another fixture (pytest's closure of a test's fixtures), is an integration test; tests that start
+# a process themselves carry the marker explicitly. `pytest -m "not integration"` is the fast unit set.
+PROCESS_FIXTURES = {"procs", "session_procs", "slurm", "slurm_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def procs():
     """Start processes in their own process groups; all are killed when the test ends (helpers.Procs)."""

@@ -33,6 +33,7 @@ def test_synthetic_batch_follows_googles_prediction_count():
         assert (pos >= 1).all() and (pos <= seq - 2).all()  # never [CLS] (0) or the final [SEP]
 
 
+@pytest.mark.integration  # runs launcher/bench.py
 def test_train_compares_the_implementations(tmp_path):
     res, stdout = run_bench(["train", "--preset", "tiny", "--seq", "32", "--micro-batch", "2", "--max-pred", "5",
                              "--warmup", "1", "--repeats", "2", "--peak-tflops", "1.0"],
@@ -62,6 +63,7 @@ def test_train_compares_the_implementations(tmp_path):
     assert "a/c:" in stdout and "a/c0:" in stdout and "mfu" in stdout  # the table is printed
 
 
+@pytest.mark.integration  # runs launcher/bench.py
 def test_peak_loader_and_build(tmp_path, train_shards):
     res, out = run_bench(["peak", "--dtypes", "fp32,bf16,fp16", "--seconds", "0.2"], tmp_path, "peak")
     assert set(res["peak_tflops"]) == {"fp32", "bf16"} and all(v > 0 for v in res["peak_tflops"].values())
@@ -77,6 +79,7 @@ def test_peak_loader_and_build(tmp_path, train_shards):
     assert row["tokens"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
 
 
+@pytest.mark.integration  # runs launcher/bench.py
 def test_project_sums_both_phases_beside_the_published_anchors(tmp_path):
     """`project`: the paper's run (0.9 x 1M x 256 sequences at 128, 0.1 x 1M x 256 at 512) in device-hours from
     `train --preset large` results (synthetic full-length only), and the published anchors, labelled."""

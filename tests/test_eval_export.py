@@ -46,6 +46,7 @@ def evaluate_json(run_dir, data, *args):
     return json.loads(p.stdout.strip().splitlines()[-1]), p
 
 
+@pytest.mark.integration  # builds its training run on demand (getfixturevalue)
 @pytest.mark.parametrize("fixture", ["eval_run", "eval_run_2rank", "eval_run_zero3", "eval_run_zero0"])
 def test_evaluate_equals_the_runs_logged_validation(request, fixture, train_shards):
     run_dir = request.getfixturevalue(fixture)
@@ -109,6 +110,7 @@ def test_bad_tag_names_available_tags(eval_run, train_shards):
     assert "step_9999999" in p.stderr and "step_0000008" in p.stderr
 
 
+@pytest.mark.integration  # builds its training run on demand (getfixturevalue)
 @pytest.mark.parametrize("fixture", ["eval_run", "eval_run_zero0"])
 def test_consolidation_returns_fp32_masters_not_upcast_bf16(request, fixture):
     model, _tok, meta = load_run(request.getfixturevalue(fixture))

@@ -293,6 +293,7 @@ def test_launcher_stops_when_the_fp16_scale_collapses(train_shards, tmp_path):
 # None of trainer/cpu.py on a CUDA host
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 @pytest.mark.integration
 @needs_cuda
@@ -311,6 +312,7 @@ def test_no_cpu_workaround_runs_on_cuda(tmp_path):
     assert r["fused_adam_builder"] == "deepspeed.ops.op_builder.fused_adam"
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 @pytest.mark.skipif(CUDA, reason="the CPU control: on a CUDA host trainer/cpu.py must not run")
 def test_host_probe_sees_every_cpu_workaround_on_cpu(tmp_path):

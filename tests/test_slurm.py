@@ -31,6 +31,8 @@ import yaml
 from slurm_cluster import FINAL_STATES, LocalSlurm, slurm, slurm_cluster, tail  # noqa: F401  (fixtures)
 from trainer import dist
 
+pytestmark = pytest.mark.integration  # every test here runs a launcher, bash or Slurm
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 FAKE = REPO / "tests" / "fake_trainer.py"

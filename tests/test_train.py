@@ -167,8 +167,8 @@ def test_tensorboard_scalars_and_text_panel(reference_run):
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/mlm_acc", "train/nsp_acc", "train/lr",
                 "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "train/tflops", "train/mfu",
-                "train/skipped_steps", "train/data/corrupt_samples", "train/data/missing_fraction", "val/mlm_loss", "val/perplexity", "val/mlm_acc",
-                "val/nsp_loss", "val/nsp_acc"):
+                "train/skipped_steps", "train/data/corrupt_samples", "train/data/missing_fraction", "val/mlm_loss",
+                "val/perplexity", "val/mlm_acc", "val/nsp_loss", "val/nsp_acc"):
         assert tag in scalars, tag
     assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 10))
     recs = train_records(reference_run["out"])
@@ -198,7 +198,7 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path, pro
 @pytest.mark.parametrize("target", [
     "rank_process",
     # Slurm and the deepspeed launcher signal a rank's whole process tree, DataLoader workers included:
-    # the workers must ignore it (trainer/loader.py) so the rank can finish the step and save.
+    # the workers obey only their own rank (data/loader.py) so the rank can finish the step and save.
     "process_group",
 ])
 def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target,

@@ -210,7 +210,8 @@ class Checkpointer:
         m = self.meta
         if client["tokenizer_fingerprint"] != m["tokenizer_fingerprint"]:
             raise ConfigError(f"checkpoint {path} was trained with tokenizer fingerprint "
-                              f"{client['tokenizer_fingerprint']} but the shards' tokenizer is {m['tokenizer_fingerprint']}")
+                              f"{client['tokenizer_fingerprint']} but the shards' tokenizer is "
+                              f"{m['tokenizer_fingerprint']}")
         if client.get("max_seq_len") != m["max_seq_len"]:
             raise ConfigError(f"checkpoint {path} was trained on max_seq_len {client.get('max_seq_len')} shards, "
                               f"these are {m['max_seq_len']}; for phase 2 use train.init_from (weights only) in a "

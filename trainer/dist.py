@@ -104,7 +104,8 @@ def pin_extensions_dir(env: MutableMapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     bindir = os.path.dirname(sys.executable)
     if os.path.exists(os.path.join(bindir, "ninja")):
-        env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir)])
+        rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
+        env["PATH"] = os.pathsep.join([bindir, *rest])
     return env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 

@@ -495,8 +495,9 @@ def check_tokenizer(tokenizer, meta, allow_mismatch: bool, model_vocab: int) -> 
 def _load_task(cfg: FinetuneConfig, rank: int) -> TaskData:
     k = cfg.task
     if k.name is None:
-        return load_local_task(k.train, k.dev, Columns(text=k.text_column, text_b=k.text_b_column or "text_b",
-                                                       label=k.label_column, text_b_explicit=k.text_b_column is not None))
+        columns = Columns(text=k.text_column, text_b=k.text_b_column or "text_b", label=k.label_column,
+                          text_b_explicit=k.text_b_column is not None)
+        return load_local_task(k.train, k.dev, columns)
     if rank != 0:  # rank 0 downloads into the datasets cache first; the others then read the cache
         dist.barrier()
     task = load_glue_task(k.name)

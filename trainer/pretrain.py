@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 from data import shards as shard_io
@@ -82,6 +83,126 @@ def _init_weights(model, init_from: Optional[str], fingerprint: str, rank: int) 
               f"position start fresh")
 
 
+@dataclass
+class _Data:
+    """The shard folders of a run, read and checked against the model before anything expensive starts."""
+
+    train_dir: str
+    valid_dir: str
+    train: dict  # manifests
+    valid: dict
+    model_cfg: object  # bert.BertConfig
+
+    @property
+    def fingerprint(self) -> str:
+        return self.train["tokenizer"]["fingerprint"]
+
+
+def _read_data(cfg: RunConfig, config_path: str) -> _Data:
+    d = cfg.data
+    valid_dir = d.valid or d.train
+    train = shard_io.read_manifest(d.train)
+    valid = shard_io.read_manifest(valid_dir) if valid_dir != d.train else train
+    try:
+        model_cfg = cfg.bert_config(vocab_size=train["tokenizer"]["vocab_size"])
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: model: {e}") from None
+    check_shards(train, f"data.train={d.train}", model_cfg, shard_io.FORMAT_VERSION)
+    if valid_dir != d.train:
+        check_shards(valid, f"data.valid={valid_dir}", model_cfg, shard_io.FORMAT_VERSION)
+        check_same_tokenizer(train, f"data.train={d.train}", valid, f"data.valid={valid_dir}")
+    return _Data(d.train, valid_dir, train, valid, model_cfg)
+
+
+def _configure_device(device_kind: str, local_rank: int, rank: int) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if device_kind == "cuda":
+        get_accelerator().set_device(local_rank)
+    elif device_kind == "cpu":
+        from trainer import cpu  # the CPU host workarounds, never imported on CUDA
+
+        log(rank, cpu.configure_allocator())
+        log(rank, cpu.workarounds())
+
+
+def _build_model(cfg: RunConfig, data: _Data, resuming: bool, rank: int):
+    """BERT with the same initial weights on every rank (DeepSpeed also broadcasts rank 0's), then per-rank
+    RNG streams for dropout so ranks do not drop the same units."""
+    from bert import BertForPreTraining
+
+    t = cfg.train
+    checkpoint.seed_all(t.seed)
+    model = BertForPreTraining(data.model_cfg)
+    if t.init_from and resuming:
+        log(rank, f"train.init_from={t.init_from} ignored: resuming this run's own checkpoint instead")
+    elif t.init_from:
+        _init_weights(model, t.init_from, data.fingerprint, rank)
+    checkpoint.seed_all(t.seed + 1000 * rank)
+    return model
+
+
+def _build_loader(cfg: RunConfig, data: _Data, resolved, rank: int, world: int):
+    from data.loader import PretrainLoader
+
+    d = cfg.data
+    try:
+        return PretrainLoader(d.train, "train", resolved.batch.micro, rank=rank, world_size=world, seed=cfg.train.seed,
+                              num_workers=d.num_workers, shuffle=True, loop=True, dynamic_masking=d.dynamic_masking,
+                              global_batch=resolved.batch.global_batch)
+    except ValueError as e:
+        raise ConfigError(f"data.train: {e}") from None
+
+
+def _build_validator(cfg: RunConfig, data: _Data, engine, metrics, micro: int, rank: int, world: int):
+    """Validation over the valid split (None when it is empty); its loader is made per pass."""
+    from data.loader import PretrainLoader
+    from trainer.evaluation import Validator
+
+    t = cfg.train
+    if not data.valid["splits"]["valid"]["samples"]:
+        log(rank, f"{data.valid_dir} has no valid split samples: validation is off for this run")
+        return None
+
+    def valid_loader():
+        try:
+            return PretrainLoader(data.valid_dir, "valid", micro, rank=rank, world_size=world, seed=t.seed,
+                                  num_workers=cfg.data.num_workers, shuffle=False, loop=False)
+        except ValueError as e:
+            raise ConfigError(f"validation data {data.valid_dir}: {e}") from None
+
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(data.train_dir, "tokenizer")) if rank == 0 else None
+    return Validator(engine, valid_loader, metrics, max_batches=t.eval_batches, tokenizer=tokenizer,
+                     pad_id=data.train["tokenizer"]["pad_id"], n_examples=t.eval_examples, log=lambda m: log(rank, m))
+
+
+def _peak_tflops(t, engine, resolved, rank: int) -> float:
+    from trainer.metrics import measure_peak_tflops
+
+    if t.peak_tflops is not None:
+        return t.peak_tflops
+    peak = measure_peak_tflops(engine.device, eng.torch_dtype(resolved.precision))
+    log(rank, f"measured matmul peak {peak:.3f} TFLOPS per rank ({resolved.precision}) for MFU; set "
+              f"train.peak_tflops to use the device's datasheet value")
+    return peak
+
+
+def _resume(trainer, state: dict, resume, world: int, rank: int) -> None:
+    try:
+        note = trainer.load_state_dict(state)
+    except ValueError as e:
+        raise ConfigError(f"resume from {state['path']}: {e}") from None
+    log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
+              f"{trainer.tokens_seen} tokens seen)")
+    if resume.universal:
+        log(rank, f"the checkpoint was written by {resume.saved_world} rank(s), this run has {world}: weights, "
+                  f"optimizer and loss scale through {resume.path}; the data continues at the same global "
+                  f"sample; dropout streams of ranks >= {resume.saved_world} start fresh"
+                  + (f"; {note}" if note else ""))
+
+
 def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     """Pretrain as configured; returns the exit status (0 done or stopped on a signal with a checkpoint)."""
     stop = StopFlag()
@@ -89,65 +210,35 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     cfg, ds_raw = load_configs(ds_path, config_path, overrides)
     from deepspeed.accelerator import get_accelerator
 
-    from bert import BertForPreTraining
     from data.health import DataHealth, shard_budget
-    from data.loader import PretrainLoader
-    from trainer.evaluation import Validator
-    from trainer.metrics import MetricsWriter, flop_counts, measure_peak_tflops
+    from trainer.metrics import MetricsWriter, flop_counts
     from trainer.trainer import RunInfo, Trainer
 
-    # Shards, model and batch arithmetic must agree before anything expensive happens.
     t, d = cfg.train, cfg.data
-    valid_dir = d.valid or d.train
-    train_manifest = shard_io.read_manifest(d.train)
-    valid_manifest = shard_io.read_manifest(valid_dir) if valid_dir != d.train else train_manifest
-    try:
-        model_cfg = cfg.bert_config(vocab_size=train_manifest["tokenizer"]["vocab_size"])
-    except ValueError as e:
-        raise ConfigError(f"{config_path}: model: {e}") from None
-    check_shards(train_manifest, f"data.train={d.train}", model_cfg, shard_io.FORMAT_VERSION)
-    if valid_dir != d.train:
-        check_shards(valid_manifest, f"data.valid={valid_dir}", model_cfg, shard_io.FORMAT_VERSION)
-        check_same_tokenizer(train_manifest, f"data.train={d.train}", valid_manifest, f"data.valid={valid_dir}")
-    fingerprint = train_manifest["tokenizer"]["fingerprint"]
+    data = _read_data(cfg, config_path)  # shards, model and batch arithmetic agree before anything expensive
     device_kind = get_accelerator().device_name()  # "cuda", "cpu", ...
     world = int(dist.setup_env()["WORLD_SIZE"])
     resolved = eng.resolve(ds_raw, ds_path, precision.device_facts(device_kind), world)
     ckpt_dir = os.path.join(t.output_dir, "checkpoints")
     resume_from = checkpoint.resolve_resume(t.resume, ckpt_dir)
-    meta = {"run_config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "ds_config": resolved.ds,
-            "tokenizer_fingerprint": fingerprint, "max_seq_len": train_manifest["settings"]["max_seq_len"],
-            "format_version": train_manifest["format_version"]}
+    meta = {"run_config": cfg.to_dict(), "model_config": data.model_cfg.to_dict(), "ds_config": resolved.ds,
+            "tokenizer_fingerprint": data.fingerprint, "max_seq_len": data.train["settings"]["max_seq_len"],
+            "format_version": data.train["format_version"]}
 
     rank, local_rank, world = dist.init(t.collective_timeout)
     log(rank, eng.precision_note(resolved))
-    if device_kind == "cuda":
-        get_accelerator().set_device(local_rank)
-    elif device_kind == "cpu":
-        from trainer import cpu
-
-        log(rank, cpu.configure_allocator())
-        log(rank, cpu.workarounds())
-
-    # Same seed on every rank for the weights (DeepSpeed also broadcasts rank 0's), then per-rank streams
-    # for dropout so ranks do not drop the same units.
-    checkpoint.seed_all(t.seed)
-    model = BertForPreTraining(model_cfg)
-    if t.init_from and resume_from is not None:
-        log(rank, f"train.init_from={t.init_from} ignored: resuming this run's own checkpoint instead")
-    elif t.init_from:
-        _init_weights(model, t.init_from, fingerprint, rank)
-    checkpoint.seed_all(t.seed + 1000 * rank)
+    _configure_device(device_kind, local_rank, rank)
+    model = _build_model(cfg, data, resume_from is not None, rank)
     flops = flop_counts(model)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m))
     resume = checkpointer.plan(resume_from) if resume_from is not None else None
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     ds_engine = resolved.ds
     if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
         ds_engine = {**ds_engine, "checkpoint": {**(ds_engine.get("checkpoint") or {}), "load_universal": True}}
     engine = eng.build_engine(model, ds_engine)
     if rank == 0:
-        _write_run_files(t.output_dir, cfg, resolved.ds, model_cfg, d.train)
+        _write_run_files(t.output_dir, cfg, resolved.ds, data.model_cfg, d.train)
     warmup = run_config.warmup_steps(t)
     peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
     log(rank, f"model {cfg.model.get('preset')} ({n_params / 1e6:.1f}M params), "
@@ -156,56 +247,19 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
               f"{peak_lr:g}, warmup {warmup} of {t.max_steps} steps")
     log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
 
-    micro = resolved.batch.micro
-    loader_kw = dict(rank=rank, world_size=world, seed=t.seed, num_workers=d.num_workers)
-    try:
-        loader = PretrainLoader(d.train, "train", micro, shuffle=True, loop=True, dynamic_masking=d.dynamic_masking,
-                                global_batch=resolved.batch.global_batch, **loader_kw)
-    except ValueError as e:
-        raise ConfigError(f"data.train: {e}") from None
-
-    def valid_loader():
-        try:
-            return PretrainLoader(valid_dir, "valid", micro, shuffle=False, loop=False, **loader_kw)
-        except ValueError as e:
-            raise ConfigError(f"validation data {valid_dir}: {e}") from None
-
+    loader = _build_loader(cfg, data, resolved, rank, world)
     state = checkpointer.load(engine, resume) if resume is not None else None
     metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None)
-    validate = None
-    if (valid_manifest["splits"]["valid"]["samples"] or 0) > 0:
-        from data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(os.path.join(d.train, "tokenizer")) if rank == 0 else None
-        validate = Validator(engine, valid_loader, metrics, max_batches=t.eval_batches, tokenizer=tokenizer,
-                             pad_id=train_manifest["tokenizer"]["pad_id"], n_examples=t.eval_examples,
-                             log=lambda m: log(rank, m))
-    else:
-        log(rank, f"{valid_dir} has no valid split samples: validation is off for this run")
-    peak_tflops = t.peak_tflops
-    if peak_tflops is None:
-        peak_tflops = measure_peak_tflops(engine.device, eng.torch_dtype(resolved.precision))
-        log(rank, f"measured matmul peak {peak_tflops:.3f} TFLOPS per rank ({resolved.precision}) for MFU; set "
-                  f"train.peak_tflops to use the device's datasheet value")
+    validate = _build_validator(cfg, data, engine, metrics, resolved.batch.micro, rank, world)
     info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
-                   peak_lr=peak_lr, warmup=warmup, peak_tflops=peak_tflops, flops=flops, ds_path=ds_path,
-                   min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
+                   peak_lr=peak_lr, warmup=warmup, peak_tflops=_peak_tflops(t, engine, resolved, rank), flops=flops,
+                   ds_path=ds_path, min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
     health = DataHealth(d.max_bad_samples, d.max_bad_fraction,
-                        shard_budget(len(train_manifest["splits"]["train"]["shards"]), d.max_bad_shards))
+                        shard_budget(len(data.train["splits"]["train"]["shards"]), d.max_bad_shards))
     trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, health=health,
                       validate=validate, stop=stop, log=lambda m: log(rank, m))
     if state is not None:
-        try:
-            note = trainer.load_state_dict(state)
-        except ValueError as e:
-            raise ConfigError(f"resume from {state['path']}: {e}") from None
-        log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
-                  f"{trainer.tokens_seen} tokens seen)")
-        if resume.universal:
-            log(rank, f"the checkpoint was written by {resume.saved_world} rank(s), this run has {world}: weights, "
-                      f"optimizer and loss scale through {resume.path}; the data continues at the same global "
-                      f"sample; dropout streams of ranks >= {resume.saved_world} start fresh"
-                      + (f"; {note}" if note else ""))
+        _resume(trainer, state, resume, world, rank)
     elif t.resume == "auto":
         log(rank, f"no checkpoint in {ckpt_dir}: starting from step 0")
     return trainer.train()
