@@ -95,9 +95,12 @@ class _WorkerSignals:
         for sig in (signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to read, so obey every SIGTERM
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked from birth (worker_context)
             return
-        # Threads started after this (the result queue's feeder) inherit the block, so only the
-        # watcher below ever receives SIGTERM.
+        # Blocked from birth (the fork server's mask, worker_context), and here for any other start method.
+        # Threads started after this (the result queue's feeder) inherit the block, so only the watcher below
+        # ever receives SIGTERM, one sent before this ran included.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         threading.Thread(target=self._watch, name="sigterm-watch", daemon=True).start()
 
@@ -108,13 +111,33 @@ class _WorkerSignals:
                 os._exit(0)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
 def worker_context():
     """Start method of the DataLoader workers: a fork server where there is one (Linux, macOS), preloading
-    this module so that a worker starts in milliseconds; else the platform default."""
+    this module so that a worker starts in milliseconds; else the platform default.
+
+    Slurm and the deepspeed launcher signal a rank's whole process group: the fork server, multiprocessing's
+    resource tracker and the workers too. With the default actions a SIGTERM or SIGUSR1 killed the fork server
+    or the tracker (the next workers then could not start) or a worker in its first milliseconds, before its
+    ``_WorkerSignals`` ran ("DataLoader worker exited unexpectedly": found by scripts/signal_drill.py). So both
+    helpers are started here with the stop signals blocked: they keep that mask, the workers inherit it from
+    the fork server, and a SIGTERM sent to a worker waits until its ``_WorkerSignals`` thread reads it (and
+    obeys only the rank's). The helpers end with their rank (end of file on their pipes), not on a signal."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
+    from multiprocessing import forkserver, resource_tracker
+
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["data.loader"])  # only takes effect before the server's first start
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # this thread only; others still take them
+    try:
+        resource_tracker.ensure_running()  # a no-op while it runs; it unblocks SIGINT/SIGTERM when done, so:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return ctx
 
 

@@ -95,3 +95,44 @@ def test_a_hung_rank_makes_the_other_time_out_naming_rank_step_and_phase(train_s
     assert "[rank 0] error: a collective failed during " in err and " at step " in err, err[-3000:]
     assert "last good checkpoint: " + str(out / "checkpoints" / "step_") in err
     os.killpg(ranks[1].pid, signal.SIGKILL)  # (the procs fixture would too)
+
+
+# A rank's stand-in: stop signals set a flag (as trainer.guards.StopFlag does), and validation passes start
+# fresh DataLoader workers from the fork server again and again. Prints the samples of every pass.
+PASSES = """
+import signal, sys
+seen = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda signum, frame: seen.append(signum))
+from data.loader import PretrainLoader
+if __name__ == "__main__":
+    loader = PretrainLoader(sys.argv[1], "valid", 2, num_workers=2, shuffle=False, loop=False)
+    print("ready", flush=True)
+    counts = [sum(b["input_ids"].shape[0] for b in loader if not b["is_padding"]) for _ in range(int(sys.argv[2]))]
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # exiting resets handlers to the default actions: not those
+        signal.signal(sig, signal.SIG_IGN)
+    print("passes", *counts, "signals", len(seen), flush=True)
+"""
+
+
+def test_stop_signals_to_the_group_while_workers_start_lose_no_worker(train_shards, tmp_path, procs):
+    """SIGTERM and SIGUSR1 to the whole process group every few milliseconds, while a process starts DataLoader
+    workers 40 times: the fork server and every worker, at any moment of its start, survive (a signal landing
+    before a worker's init used to kill it: 'DataLoader worker exited unexpectedly' in validation)."""
+    import random
+
+    script = tmp_path / "passes.py"
+    script.write_text(PASSES)
+    p = procs.start([sys.executable, script, train_shards, 40], tmp_path / "passes", env=base_env())
+    wait_for(lambda: "ready" in procs.output(p)[0], "the loader", [p], timeout=120)
+    rng, sent = random.Random(0), 0
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:
+        os.killpg(p.pid, rng.choice([signal.SIGTERM, signal.SIGUSR1]))
+        sent += 1
+        time.sleep(rng.uniform(0.002, 0.03))
+    assert procs.wait([p], 30) == [0], procs.output(p)[1][-3000:]
+    words = procs.output(p)[0].split("passes", 1)[1].split()
+    counts, received = [int(w) for w in words[:40]], int(words[-1])
+    expected = json.loads((Path(train_shards) / "manifest.json").read_text())["splits"]["valid"]["samples"]
+    assert counts == [expected] * 40 and sent > 40 and received > 0  # every pass whole; the signals did arrive

@@ -119,6 +119,10 @@ class Trainer:
             return self._train()
         except Exception as e:  # noqa: BLE001 - a failed collective is reported, anything else re-raised
             if not dist.is_collective_failure(e):
+                # The traceback follows (a bug or an unforeseen failure); this line says where the run stood.
+                print(f"[rank {self.info.rank}] error during {self.phase} at step {self.step}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:300] if str(e) else ''}; last good checkpoint: "
+                      f"{self.checkpointer.last_saved or 'none'}", file=sys.stderr, flush=True)
                 raise
             print(f"[rank {self.info.rank}] error: a collective failed during {self.phase} at step {self.step} "
                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]}): another rank stopped or hung (see its "
