@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import base_env
+from helpers import CPU_PRECISION, base_env
 from trainer.dist import free_port
 from trainer.errors import FinetuneError
 from trainer.finetune import Columns, collate, dev_batches, encode_split, load_classifier, load_local_task, train_batches
@@ -174,7 +174,7 @@ def test_finetune_learns_the_task_saves_best_and_exports_hf(eval_run, task_files
     run = summary["runs"][0]
     assert len(run["dev_accuracy"]) == 3 and summary["best_dev_accuracy"] == max(run["dev_accuracy"])
     assert run["batch_size"] == 16 and run["steps"] == 3 * (320 // 16)
-    assert "bf16" in p.stderr  # fp16 in finetune.json switched on CPU, as in pretraining
+    assert f"fp16 -> {CPU_PRECISION}" in p.stderr  # fp16 in finetune.json switched on CPU, as in pretraining
     assert "best" in p.stdout and "ep3" in p.stdout  # the final table
 
     recs = read_jsonl(out / "metrics.jsonl")

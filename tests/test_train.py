@@ -21,7 +21,7 @@ import yaml
 
 from trainer import checkpoint, precision, schedule
 
-from helpers import REPO, base_env, train_records, write_ds, write_run
+from helpers import CPU_PRECISION, REPO, base_env, train_records, write_ds, write_run
 
 BIN = Path(sys.executable).parent
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")
@@ -149,8 +149,9 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
     assert cs["run_config"]["train"]["max_steps"] == T and cs["model_config"]["vocab_size"] == 1000
     # The optimizer really ran with our schedule and BERT's weight-decay groups (decay from the DS JSON).
     for r in range(2):
-        optim = torch.load(out / "checkpoints" / "step_0000009" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
-                           map_location="cpu", weights_only=False)
+        prefix = "bf16_" if CPU_PRECISION == "bf16" else ""  # DeepSpeed's file name says the precision
+        name = f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        optim = torch.load(out / "checkpoints" / "step_0000009" / name, map_location="cpu", weights_only=False)
         groups = optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
         assert [(g["lr"], g["weight_decay"]) for g in groups] == [(schedule.lr_at(T - 1, 1e-3, W, T), 0.01),
                                                                   (schedule.lr_at(T - 1, 1e-3, W, T), 0.0)]
@@ -286,7 +287,7 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, t
     cfg = write_run(tmp_path, train_shards, out, max_steps=6, warmup_steps=0, save_every=1)
     p = run_plain(procs, tmp_path, ds, cfg, expect=3)
     tags = checkpoint.list_tags(str(out / "checkpoints"))
-    assert tags and "non-finite loss in bf16" in p.stderr
+    assert tags and f"non-finite loss in {CPU_PRECISION}" in p.stderr
     assert f"last good checkpoint: {out / 'checkpoints' / tags[-1]}" in p.stderr
     stopped = int(p.stderr.split("stopping at step ")[1].split(":")[0])
     assert tags[-1] == checkpoint.tag_for(stopped - 1)  # the bad step itself was not saved
