@@ -661,6 +661,5 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
+if __name__ == "__main__":  # through scripts/gpu_check.sh, which puts the project on PYTHONPATH
     sys.exit(main())

@@ -11,6 +11,9 @@
 # the same command; without .whl/ the installed packages are used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The project from this tree, importable by scripts/gpu_check.py in every branch below (on the device it is not
+# pip-installed; here .venv has it as an editable install, which this path equals).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 DRY=0
@@ -49,13 +52,12 @@ else
     if compgen -G ".whl/*.whl" >/dev/null; then
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
             .whl/*.whl >>"$LOG" 2>&1; then
-            export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+            export PYTHONPATH="$WORK/site:$PYTHONPATH"
             setup_detail="installed $(find .whl -maxdepth 1 -type f -name '*.whl' | wc -l) carried wheels into $WORK/site"
         else
             setup_ok=false setup_detail="pip could not install .whl/*.whl (its words are in the log)"
         fi
     else
-        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
         setup_detail="no .whl/: using the installed packages"
     fi
     if ! "$PY" -c "import deepspeed, hjson, pydantic, webdataset, torch; assert torch.cuda.is_available()" >>"$LOG" 2>&1; then

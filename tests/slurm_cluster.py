@@ -218,36 +218,31 @@ class LocalSlurm:
         return out
 
 
-_cluster: Optional[LocalSlurm] = None
-
-
-def _atexit_down() -> None:  # the session ended without fixture teardown (e.g. an internal error)
-    if _cluster is not None:
-        try:
-            LocalSlurm.down()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
+def _down_at_exit() -> None:  # the session ended without fixture teardown (e.g. an internal error)
+    try:
+        LocalSlurm.down()
+    except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        pass
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The running local cluster (LocalSlurm); skipped (failed under BERT_REQUIRE_SLURM=1) where it cannot run."""
-    global _cluster
     reason = unavailable()
     if reason:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     try:
-        _cluster = LocalSlurm.up()
+        cluster = LocalSlurm.up()
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
-    atexit.register(_atexit_down)
+    atexit.register(_down_at_exit)
     try:
-        yield _cluster
+        yield cluster
     finally:
-        conf, _cluster = _cluster.conf, None
-        LocalSlurm.down(conf)
+        atexit.unregister(_down_at_exit)  # torn down here, as a fixture should be
+        LocalSlurm.down(cluster.conf)
 
 
 @pytest.fixture

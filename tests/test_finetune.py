@@ -163,6 +163,8 @@ def task_files(tmp_path_factory):
     return {"train": write(tmp / "train.csv", synthetic(320, 1)), "dev": write(tmp / "dev.csv", synthetic(100, 2)),
             "ptrain": write(tmp / "ptrain.jsonl", synthetic(320, 3, pair=True)),
             "pdev": write(tmp / "pdev.jsonl", synthetic(100, 4, pair=True))}
+
+
 @pytest.mark.integration
 def test_finetune_learns_the_task_saves_best_and_exports_hf(eval_run, task_files, tmp_path):
     out = tmp_path / "ft"
@@ -209,6 +211,8 @@ def test_finetune_learns_the_task_saves_best_and_exports_hf(eval_run, task_files
         assert torch.allclose(model(**batch), hf(**batch).logits, atol=1e-5, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out / "best_hf"))
     assert hf_tok(task.dev.text_a[0])["input_ids"] == tok.encode_pair(task.dev.text_a[0], max_length=64)[0]
+
+
 @pytest.mark.integration
 def test_finetune_sentence_pairs(eval_run, task_files, tmp_path):
     out = tmp_path / "pair"
@@ -236,6 +240,8 @@ def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path, 
     model, tok, info = load_classifier(str(out / "best"))
     task = load_local_task(task_files["train"], task_files["dev"], Columns())
     assert accuracy(model, tok, task.dev) == pytest.approx(summary["best_dev_accuracy"], abs=0.02)
+
+
 @pytest.mark.integration
 def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files, tmp_path):
     out = tmp_path / "sweep"
@@ -252,6 +258,8 @@ def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files
         assert read_jsonl(Path(r["out"]) / "metrics.jsonl")[0]["lr_peak"] == r["lr"]
     assert summary == json.loads((out / "summary.json").read_text())
     assert p.stdout.count("e-05") >= 3  # one table row per learning rate
+
+
 @pytest.mark.integration
 def test_tokenizer_mismatch_and_too_long_max_len_are_refused(eval_run, train_shards_other_tok, task_files, tmp_path):
     other = os.path.join(train_shards_other_tok, "tokenizer")
@@ -275,6 +283,8 @@ def test_tokenizer_mismatch_and_too_long_max_len_are_refused(eval_run, train_sha
     p = run_finetune("--deepspeed", ds_config(tmp_path), "--model", eval_run, "--train", task_files["train"],
                      "--dev", task_files["dev"], "--out", tmp_path / "y", expect=2)
     assert "--max-len 128 exceeds the model's max_position_embeddings 64" in p.stderr
+
+
 @pytest.mark.integration
 def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards_other_tok, tmp_path):
     """An exported HF dir whose tokenizer files were swapped is refused (tokenizer_config.json records the

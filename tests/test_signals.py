@@ -4,6 +4,7 @@ nothing waits forever and nothing is left behind."""
 
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -119,8 +120,6 @@ def test_stop_signals_to_the_group_while_workers_start_lose_no_worker(train_shar
     """SIGTERM and SIGUSR1 to the whole process group every few milliseconds, while a process starts DataLoader
     workers 40 times: the fork server and every worker, at any moment of its start, survive (a signal landing
     before a worker's init used to kill it: 'DataLoader worker exited unexpectedly' in validation)."""
-    import random
-
     script = tmp_path / "passes.py"
     script.write_text(PASSES)
     p = procs.start([sys.executable, script, train_shards, 40], tmp_path / "passes", env=base_env())

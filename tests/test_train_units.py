@@ -307,6 +307,8 @@ else:  # a new process = a fresh C++ kernel object, as after a requeue
     steps(5, 9)
 torch.save(p.data, d + "/" + mode + "_p.pt"); torch.save(q.data, d + "/" + mode + "_q.pt")
 """
+
+
 @pytest.mark.integration
 def test_resumed_cpu_adam_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
     """DeepSpeed's CPU Adam keeps beta^t as a running float32 product in a C++ object that a new process does

@@ -142,14 +142,19 @@ def _build_model(cfg: RunConfig, data: _Data, resuming: bool, rank: int):
     return model
 
 
+def _loader_kw(cfg: RunConfig, rank: int, world: int) -> dict:
+    """What the training and the validation loader share: the rank's place, the seed, the workers."""
+    return dict(rank=rank, world_size=world, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+
+
 def _build_loader(cfg: RunConfig, data: _Data, resolved, rank: int, world: int):
     from data.loader import PretrainLoader
 
     d = cfg.data
     try:
-        return PretrainLoader(d.train, "train", resolved.batch.micro, rank=rank, world_size=world, seed=cfg.train.seed,
-                              num_workers=d.num_workers, shuffle=True, loop=True, dynamic_masking=d.dynamic_masking,
-                              global_batch=resolved.batch.global_batch)
+        return PretrainLoader(d.train, "train", resolved.batch.micro, shuffle=True, loop=True,
+                              dynamic_masking=d.dynamic_masking, global_batch=resolved.batch.global_batch,
+                              **_loader_kw(cfg, rank, world))
     except ValueError as e:
         raise ConfigError(f"data.train: {e}") from None
 
@@ -166,8 +171,8 @@ def _build_validator(cfg: RunConfig, data: _Data, engine, metrics, micro: int, r
 
     def valid_loader():
         try:
-            return PretrainLoader(data.valid_dir, "valid", micro, rank=rank, world_size=world, seed=t.seed,
-                                  num_workers=cfg.data.num_workers, shuffle=False, loop=False)
+            return PretrainLoader(data.valid_dir, "valid", micro, shuffle=False, loop=False,
+                                  **_loader_kw(cfg, rank, world))
         except ValueError as e:
             raise ConfigError(f"validation data {data.valid_dir}: {e}") from None
 

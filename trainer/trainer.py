@@ -118,16 +118,16 @@ class Trainer:
         try:
             return self._train()
         except Exception as e:  # noqa: BLE001 - a failed collective is reported, anything else re-raised
+            what = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"  # an empty message too
+            last = f"last good checkpoint: {self.checkpointer.last_saved or 'none'}"
             if not dist.is_collective_failure(e):
                 # The traceback follows (a bug or an unforeseen failure); this line says where the run stood.
-                print(f"[rank {self.info.rank}] error during {self.phase} at step {self.step}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:300] if str(e) else ''}; last good checkpoint: "
-                      f"{self.checkpointer.last_saved or 'none'}", file=sys.stderr, flush=True)
+                print(f"[rank {self.info.rank}] error during {self.phase} at step {self.step}: {what}; {last}",
+                      file=sys.stderr, flush=True)
                 raise
             print(f"[rank {self.info.rank}] error: a collective failed during {self.phase} at step {self.step} "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]}): another rank stopped or hung (see its "
-                  f"message) or the bound train.collective_timeout passed; last good checkpoint: "
-                  f"{self.checkpointer.last_saved or 'none'}", file=sys.stderr, flush=True)
+                  f"({what}): another rank stopped or hung (see its message) or the bound "
+                  f"train.collective_timeout passed; {last}", file=sys.stderr, flush=True)
             return EXIT_COLLECTIVE
 
     def _train(self) -> int:
