@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common import files
 from bert.config import BertConfig
 from bert.model import BertForPreTraining, BertForSequenceClassification, BertModel
 
@@ -257,7 +258,7 @@ def to_hf(model, path: str, tokenizer_dir: str | None = None, *, do_lower_case: 
     config.json + model.safetensors (+ tokenizer files from tokenizer_dir, recording `fingerprint`) that
     `transformers.<Class>.from_pretrained(path)` loads with no missing or unexpected keys. do_lower_case
     overrides what is read from the tokenizer files; extra_config adds config.json keys (e.g. labels)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = os.fspath(path)
     if not isinstance(model, (BertForPreTraining, BertModel, BertForSequenceClassification)):
@@ -271,21 +272,14 @@ def to_hf(model, path: str, tokenizer_dir: str | None = None, *, do_lower_case: 
     dtype = next(model.parameters()).dtype
 
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, SAFETENSORS_NAME + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})  # "pt" marks PyTorch layout for transformers
-    os.replace(tmp, os.path.join(path, SAFETENSORS_NAME))
-    _write_json(os.path.join(path, CONFIG_NAME), {**_hf_config(model.config, architecture, dtype),
-                                                   **(extra_config or {})})
+    # "pt" marks PyTorch layout for transformers
+    files.write_bytes(os.path.join(path, SAFETENSORS_NAME), save(tensors, metadata={"format": "pt"}))
+    files.write_json(os.path.join(path, CONFIG_NAME), {**_hf_config(model.config, architecture, dtype),
+                                                       **(extra_config or {})})
     if tokenizer_dir is not None:
         write_hf_tokenizer(tokenizer_dir, path, model.config, do_lower_case=do_lower_case, fingerprint=fingerprint)
 
 
-def _write_json(file: str, obj: dict) -> None:
-    tmp = file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, file)
 
 
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
@@ -362,7 +356,7 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
         shutil.copyfile(tok_json, os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("".join(t + "\n" for t in vocab))
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+    files.write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "BertTokenizer",  # transformers picks the fast (tokenizers) implementation
         "do_lower_case": bool(lowercase),
         "tokenize_chinese_chars": True,
@@ -372,4 +366,4 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
         **SPECIAL_TOKENS,
         **({HF_FINGERPRINT_FIELD: fingerprint} if fingerprint else {}),
     })
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), dict(SPECIAL_TOKENS))
+    files.write_json(os.path.join(out_dir, "special_tokens_map.json"), dict(SPECIAL_TOKENS))

@@ -40,7 +40,8 @@ import numpy as np
 from data import shards
 from data.corpus import (CorpusOptions, RawDoc, add_corpus_args, iter_raw_documents, prepare_document,
                          resolve_spec)
-from data.errors import DataError, run_main
+from common import files
+from common.errors import DataError, run_main
 from data.pretraining import Params, create_instances, derive_seed, mask_instances
 from data.tokenizer import BertTokenizer, load_tokenizer
 
@@ -260,16 +261,6 @@ def _clean_out_dir(out: str) -> None:
         shutil.rmtree(os.path.join(out, "tokenizer"))
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class BuildSettings(Params):
     """What the examples are (Google's parameters, Params, and how they are cut into shards); recorded in the
@@ -427,7 +418,7 @@ def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenize
     manifest = _manifest(tok_meta, manifest_settings, splits, reader_stats, stats)
     mpath = os.path.join(out, shards.MANIFEST)
     shards.validate_manifest(manifest, mpath)
-    write_json_atomic(mpath, manifest)  # written last: its presence means the build is complete
+    files.write_json(mpath, manifest)  # written last: its presence means the build is complete
 
     wall = time.time() - t_start
     st = manifest["stats"]

@@ -31,7 +31,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from data.errors import DataError
+from common.errors import DataError
 
 # RawDoc = (kind, payload): kind PRESPLIT -> payload is a list of sentence lines;
 # kind RAW -> payload is a str of paragraphs (newline separated) still to be split into sentences.

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from data import shards
-from data.errors import DataError, run_main
+from common.errors import DataError, run_main
 from data.pretraining import Params, num_to_predict
 from data.tokenizer import load_tokenizer
 

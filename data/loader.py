@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import masking
-from data.errors import DataError
+from common.errors import DataError
 from data.shards import (ShardScan, check_sample, decode_sample, iter_samples, read_manifest, sample_limits,
                          shard_paths, verify_shard)
 

@@ -17,8 +17,8 @@ import shutil
 import sys
 
 from data import shards
-from data.build import write_json_atomic
-from data.errors import DataError, run_main
+from common import files
+from common.errors import DataError, run_main
 
 _PER_SLICE = ("slice_index",)
 
@@ -98,7 +98,7 @@ def merge(out: str, parts: list[str]) -> dict:
     }
     path = os.path.join(out, shards.MANIFEST)
     shards.validate_manifest(manifest, path)
-    write_json_atomic(path, manifest)
+    files.write_json(path, manifest)
     return manifest
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data.errors import DataError
+from common.errors import DataError
 
 FORMAT_VERSION = 1
 SAMPLE_EXT = "bin"

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data.errors import DataError, run_main
+from common import files
+from common.errors import DataError, run_main
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first => pad id 0
 META_FILE = "tokenizer_meta.json"
@@ -126,8 +127,8 @@ class BertTokenizer:
         """Write tokenizer.json, vocab.txt (one token per line, id order) and tokenizer_meta.json."""
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
-        _atomic_write(os.path.join(directory, "vocab.txt"), "".join(t + "\n" for t in self.vocab))
-        _atomic_write(os.path.join(directory, META_FILE), json.dumps(self.meta(), indent=2) + "\n")
+        files.write_text(os.path.join(directory, "vocab.txt"), "".join(t + "\n" for t in self.vocab))
+        files.write_text(os.path.join(directory, META_FILE), json.dumps(self.meta(), indent=2) + "\n")
 
     def meta(self) -> dict:
         return {
@@ -147,11 +148,6 @@ class BertTokenizer:
         return bool(norm.get("lowercase", False))
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fingerprint(tok: Tokenizer, vocab: list[str]) -> str:

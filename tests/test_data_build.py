@@ -14,7 +14,7 @@ import webdataset as wds
 from data import shards
 from data.build import build, is_valid_document
 from data.corpus import CorpusOptions, iter_documents
-from data.errors import DataError
+from common.errors import DataError
 from data.merge import merge
 from data.pretraining import Instances, Params, create_instances_from_document, num_to_predict
 from data.tokenizer import load_tokenizer

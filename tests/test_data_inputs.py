@@ -17,7 +17,7 @@ from data import shards
 from data.build import BuildSettings, ShardWriter, build
 from data.build import main as build_main
 from data.corpus import CorpusOptions, iter_documents, python_docs_corpus
-from data.errors import DataError
+from common.errors import DataError
 
 WIKI = [
     {"id": 1, "text": "Alpha Centauri\n\nAlpha Centauri is a star system. It is close to the Sun.\n\n"

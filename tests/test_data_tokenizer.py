@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from data.errors import DataError
+from common.errors import DataError
 from data.tokenizer import load_tokenizer, main
 
 SENTENCES = [

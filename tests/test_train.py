@@ -333,7 +333,7 @@ def test_resume_refuses_a_checkpoint_of_another_tokenizer(reference_run, train_s
     (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
 ])
 def test_refusals_before_training(train_shards, tmp_path, capsys, overrides, fragment):
-    from data.errors import run_main
+    from common.errors import run_main
     from launcher.pretrain import main
 
     ds = write_ds(tmp_path)
@@ -345,7 +345,7 @@ def test_refusals_before_training(train_shards, tmp_path, capsys, overrides, fra
 
 
 def test_format_version_mismatch_is_refused(train_shards, tmp_path, capsys):
-    from data.errors import run_main
+    from common.errors import run_main
     from launcher.pretrain import main
 
     shards = tmp_path / "shards"

@@ -1,8 +1,8 @@
-"""The trainer's error types: each is a ``data.errors.UserError`` (one line, exit status 2, no traceback)."""
+"""The trainer's error types: each is a ``common.errors.UserError`` (one line, exit status 2, no traceback)."""
 
 from __future__ import annotations
 
-from data.errors import UserError
+from common.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

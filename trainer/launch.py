@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from data.errors import run_main
+from common.errors import run_main
 
 
 def cpu_host() -> bool:

@@ -181,7 +181,7 @@ class Trainer:
         try:
             return [next(self._stream) for _ in range(self.engine.gradient_accumulation_steps())], None
         except Exception as e:  # noqa: BLE001 - any failure of this rank's data stops every rank together
-            from data.errors import UserError
+            from common.errors import UserError
 
             if not isinstance(e, UserError):
                 traceback.print_exc()
