@@ -70,7 +70,9 @@ def test_peak_loader_and_build(tmp_path, train_shards):
     assert "fp16 skipped (cpu has no fast fp16" in out
     res, _ = run_bench(["loader", "--data", train_shards, "--micro-batch", "8", "--workers", "0,1", "--batches", "5"],
                        tmp_path, "loader")
-    assert [r["workers"] for r in res["results"]] == [0, 1]
+    assert [r["workers"] for r in res["results"]] == ["decode only", 0, 1]
+    manifest = json.loads(open(os.path.join(train_shards, "manifest.json")).read())
+    assert res["results"][0]["samples"] == sum(s["samples"] for s in manifest["splits"]["train"]["shards"])
     assert all(r["samples_per_s"] > 0 for r in res["results"])
     corpus = os.path.join(os.path.dirname(train_shards), "corpus.txt")
     res, _ = run_bench(["build", "--input", corpus, "--tokenizer", os.path.join(train_shards, "tokenizer"),

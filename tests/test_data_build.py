@@ -238,9 +238,9 @@ def test_isnext_pairs_are_consecutive_text_and_valid_is_held_out(data_built, dat
         assert checked > (100 if split == "train" else 5)
 
 
-def test_reading_paths_agree_and_are_fast(data_built):
-    import time
-
+def test_reading_paths_agree_and_records_are_compact(data_built):
+    """Our reader and webdataset's see the same samples; records store no padding. (Decode speed is measured
+    by `launcher/bench.py loader`, never asserted here.)"""
     paths = shards.shard_paths(data_built, "train")
     ours = list(shards.iter_examples(data_built, "train"))
     raw = list(wds.WebDataset(paths, shardshuffle=False, empty_check=False))
@@ -250,10 +250,6 @@ def test_reading_paths_agree_and_are_fast(data_built):
         assert d["__key__"] == o["__key__"] and d["next_sentence_label"] == o["next_sentence_label"]
         for k in ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids"):
             assert np.array_equal(d[k], o[k])
-    t = time.perf_counter()
-    n = sum(1 for _ in shards.iter_examples(data_built, "train"))
-    rate = n / (time.perf_counter() - t)
-    assert rate > 5000, f"decode {rate:.0f} samples/s"
     # compact: no padding stored, 2-byte ids (vocab 2000), 1-byte positions (max_seq_len 128)
     with tarfile.open(paths[0]) as tf:
         m = tf.getmembers()[0]
