@@ -27,8 +27,9 @@ a shard is the ``k``-th sample the archive yields, so damage stays inside its sh
 truncated or garbled shard loses its own samples from the damage on, and every other shard decodes as if
 nothing happened (the positions come from the manifest's counts, not from the bytes).
 
-Damaged data: a sample whose bytes fail ``decode_sample`` (or the checks below) is *corrupt*; one whose shard is
-missing, unreadable, truncated or garbled before it is *missing*. Either is dropped from its batch (the batch
+Damaged data: a sample that ``data.shards.read_sample`` rejects (it does not decode, breaks a field's range, or
+its member name is not UTF-8) is *corrupt*; one whose shard is missing, not a plain bounded tar file, truncated
+or garbled before it is *missing* (``data.shards.iter_samples``). Either is dropped from its batch (the batch
 is one row shorter; one that lost every sample becomes an ``is_padding`` batch) and counted; the stream stays
 deterministic because the failure is a property of the bytes. What a worker found (the shards it opened, the
 damaged ones with their found/expected counts, the corrupt samples) rides inside the batches to the main

@@ -12,6 +12,7 @@ modules)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
@@ -303,10 +304,8 @@ def test_data_fault(row, dmg_copy, dmg_oracle, capsys, caplog):
         lost |= set(dmg_oracle[victim][row.found:])
     expect_keys = {k for ks in dmg_oracle.values() for k in ks} - lost
     expected_damaged = {} if row.found is None else {victim: (row.found, len(dmg_oracle[victim]))}
-    watch = DmgFifoWatch(dmg_shard(dmg_copy)) if row.fault is dmg_fifo else None
-    if watch:
-        watch.__enter__()
-    try:
+    watching = DmgFifoWatch(dmg_shard(dmg_copy)) if row.fault is dmg_fifo else contextlib.nullcontext()
+    with watching as watch:
         for workers in (0, 1):
             caplog.clear()
             keys, report = dmg_loader_pass(dmg_copy, workers)
@@ -317,9 +316,6 @@ def test_data_fault(row, dmg_copy, dmg_oracle, capsys, caplog):
             assert report["missing"] == sum(e - f for f, e in expected_damaged.values())
             assert row.reason in caplog.text and victim in caplog.text
         rc, verified = dmg_verify(dmg_copy, capsys)
-    finally:
-        if watch:
-            watch.__exit__()
     assert not (watch and watch.opened), "the FIFO was opened for reading"
     # --verify names exactly the shard the loader lost samples of, with the same counts
     assert rc == 1 and [r["name"] for r in verified["damaged"]] == [victim]
