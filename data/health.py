@@ -2,10 +2,11 @@
 
 Two kinds of loss, two counts:
 
-- *corrupt* samples: records whose bytes do not decode (each is one rank's position, so the ranks' counts
-  add up), kept per shard; ``max_bad_samples`` of them are tolerated over the run;
-- *missing* samples: those of a damaged shard (missing, zero-byte, unreadable, truncated, or ending early at a
-  garbled header), counted once per shard as the manifest's count minus the samples read, whichever rank
+- *corrupt* samples: records that do not decode or break a range of ``data.shards.check_sample``, or whose
+  member name is not UTF-8 (each is one rank's position, so the ranks' counts add up), kept per shard;
+  ``max_bad_samples`` of them are tolerated over the run;
+- *missing* samples: those of a damaged shard (missing, zero-byte, unreadable, not a regular file, compressed,
+  truncated, ending early at a garbled header or at a member larger than any record), counted once per shard as the manifest's count minus the samples read, whichever rank
   found it; ``max_bad_fraction`` of the samples of all shards the run has opened, and ``max_bad_shards`` such
   shards, are tolerated.
 

@@ -4,8 +4,9 @@
     python -m data.inspect PATH --verify [--json]
 
 ``--verify``: one pass over every shard of both splits against the manifest (sample count, every record
-decodes, token total) with the reader training uses; lists the damaged shards and exits 1 if there are any,
-so a damaged copy is found before a run (the run would skip and count the same samples, data/health.py).
+within the manifest's limits, token total) with the reader and checks training uses; lists the damaged shards
+and exits 1 if there are any, so a damaged copy is found before a run (the run would skip and count exactly the
+same samples, data/health.py; ``--json`` lists the corrupt keys).
 
 Statistics (over all examples of the split, or the first --limit): example count, length histogram,
 share of short examples and of short target draws, masked positions per example vs Google's formula,

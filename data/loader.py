@@ -27,8 +27,9 @@ a shard is the ``k``-th sample the archive yields, so damage stays inside its sh
 truncated or garbled shard loses its own samples from the damage on, and every other shard decodes as if
 nothing happened (the positions come from the manifest's counts, not from the bytes).
 
-Damaged data: a sample whose bytes fail ``decode_sample`` (or the checks below) is *corrupt*; one whose shard is
-missing, unreadable, truncated or garbled before it is *missing*. Either is dropped from its batch (the batch
+Damaged data: a sample that ``data.shards.read_sample`` rejects (it does not decode, breaks a field's range, or
+its member name is not UTF-8) is *corrupt*; one whose shard is missing, not a plain bounded tar file, truncated
+or garbled before it is *missing* (``data.shards.iter_samples``). Either is dropped from its batch (the batch
 is one row shorter; one that lost every sample becomes an ``is_padding`` batch) and counted; the stream stays
 deterministic because the failure is a property of the bytes. What a worker found (the shards it opened, the
 damaged ones with their found/expected counts, the corrupt samples) rides inside the batches to the main
@@ -58,8 +59,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import masking
 from common.errors import DataError
-from data.shards import (ShardScan, check_sample, decode_sample, iter_samples, read_manifest, sample_limits,
-                         shard_paths, verify_shard)
+from data.shards import (ShardScan, iter_samples, read_manifest, read_sample, sample_limits, shard_paths,
+                         verify_shard)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class _Plan:
 class _Block:
     """Record bytes of the samples one worker needs from one shuffle block, plus what reading found."""
 
-    def __init__(self, plan: _Plan, epoch: int, b: int, need_pos: np.ndarray):
+    def __init__(self, plan: _Plan, epoch: int, b: int, need_pos: np.ndarray, member_bound: int):
         order, block_starts, cum = plan.layout(epoch)
         self.start = int(block_starts[b])
         size = int(block_starts[b + 1]) - self.start
@@ -245,11 +246,11 @@ class _Block:
                 continue
             scan = ShardScan(plan.paths[s])
             self.opened.append((plan.names[s], hi - lo))
-            for k, raw in enumerate(iter_samples(plan.paths[s], scan)):
+            for k, raw in enumerate(iter_samples(plan.paths[s], scan, member_bound)):
                 if k >= hi - lo or not need[lo + k]:
                     continue  # more samples than the manifest says are reported below, never used
                 rec = raw.get("bin", b"")
-                key = raw["__key__"].encode("utf-8")
+                key = raw["__key__"].encode("utf-8", "surrogateescape")  # a non-UTF-8 name: read_sample rejects it
                 self.rec[lo + k] = (n_rec, n_rec + len(rec))  # offsets from the bytes actually kept
                 self.key[lo + k] = (n_key, n_key + len(key))
                 recs.append(rec)
@@ -298,7 +299,7 @@ class _Stream(IterableDataset):
             for e, p, b in zip(epochs.tolist(), pos.tolist(), bidx):
                 blk = blocks.get((e, b))
                 if blk is None:
-                    blk = _Block(plan, e, b, plan.needed(self.q0, e, b, w, nw))
+                    blk = _Block(plan, e, b, plan.needed(self.q0, e, b, w, nw), self.s["limits"].max_record_bytes)
                     blocks[(e, b)] = blk
                     new_bad += blk.damaged
                     opened += blk.opened
@@ -326,13 +327,12 @@ class _Stream(IterableDataset):
         (a, z), (ka, kz) = blk.rec[sample], blk.key[sample]
         if a < 0:
             return ""
-        key = blk.keys[ka:kz].decode("utf-8")
+        key = blk.keys[ka:kz].decode("utf-8", "surrogateescape")
         try:
-            d = decode_sample({"__key__": key, "bin": blk.blob[a:z]})
-            check_sample(d, *s["limits"])
-        except ValueError as e:  # decode_sample, check_sample: the bytes are not a valid record
+            d = read_sample({"__key__": key, "bin": blk.blob[a:z]}, s["limits"])
+        except ValueError as e:  # the bytes are not a valid record: "sample 'KEY': what is wrong"
             name = blk.shard_name(plan, sample)
-            return name, f"shard {name}: corrupt sample {key!r} skipped: {e}"
+            return name, f"shard {name}: corrupt {e}; skipped"
         if s["dynamic_masking"]:
             tokens = masking.restore_original(d["input_ids"], d["masked_lm_positions"], d["masked_lm_ids"])
             rng = masking.sample_rng(plan.seed, epoch, d["__key__"])
