@@ -44,6 +44,8 @@ _DISAMBIG_RE = re.compile(r"\{\{\s*(?:disambiguation|disambig|disamb|dab|hndis|g
                           re.IGNORECASE)
 _HEADING_RE = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
 _LIST_MARKS = "*#:;"
+# Parentheses emptied by the dropped templates of a lead ("Tokyo ({{lang|ja|東京}}) is" -> "Tokyo () is").
+_EMPTY_PARENS_RE = re.compile(r" ?\((?:[\s,;]|&nbsp;)*\)")
 
 
 def is_dump_path(path: str) -> bool:
@@ -160,8 +162,9 @@ def iter_ranges(path: str, index: str, block_pages: int) -> Iterator[StreamRange
     yield StreamRange(path, start, None, pages, first)
 
 
-def _decompress_streams(path: str, data: bytes, base: int) -> Iterator[bytes]:
-    """The decompressed content of each bz2 stream of ``data`` (read from ``path`` at offset ``base``)."""
+def _decompress_streams(path: str, data: bytes, base: int, to_eof: bool) -> Iterator[bytes]:
+    """The decompressed content of each bz2 stream of ``data`` (read from ``path`` at offset ``base``; ``to_eof``:
+    ``data`` runs to the end of the file, else to where the index puts the next stream)."""
     pos = 0
     while pos < len(data):
         off = base + pos
@@ -174,7 +177,10 @@ def _decompress_streams(path: str, data: bytes, base: int) -> Iterator[bytes]:
         except OSError as e:
             raise DataError(f"{path}: bz2 stream at byte offset {off} is corrupt ({e})") from None
         if not d.eof:
-            raise DataError(f"{path}: bz2 stream at byte offset {off} is truncated (the file ends inside it)")
+            where = ("the file ends inside it" if to_eof else
+                     f"it runs past byte offset {base + len(data)}, where the index puts the next stream: index and "
+                     f"dump do not match, or the file is damaged")
+            raise DataError(f"{path}: bz2 stream at byte offset {off} is truncated ({where})")
         yield out
         pos = len(data) - len(d.unused_data)
 
@@ -193,8 +199,8 @@ def read_range(r: StreamRange) -> Iterator[tuple[str | None, str]]:
     """(skip reason or None, wikitext) of every page of one range: decompresses only its streams (and the
     small siteinfo stream, which mwxml needs to start a document)."""
     try:
-        header = b"".join(_decompress_streams(r.path, _read_bytes(r.path, 0, r.header_end), 0))
-        body = b"".join(_decompress_streams(r.path, _read_bytes(r.path, r.start, r.end), r.start))
+        header = b"".join(_decompress_streams(r.path, _read_bytes(r.path, 0, r.header_end), 0, False))
+        body = b"".join(_decompress_streams(r.path, _read_bytes(r.path, r.start, r.end), r.start, r.end is None))
     except OSError as e:
         raise DataError(f"{r.path}: cannot read byte offset {r.start} ({e.strerror})") from None
     end = body.rfind(b"</mediawiki>")  # the last range holds the closing stream
@@ -216,11 +222,13 @@ def _extractor():
 
 
 def wikitext_to_text(wikitext: str, extractor=None) -> str:
-    """Plain text of an article: WikiExtractor's ``clean`` (no template expansion), then one line per
-    paragraph, section heading (its bare title) and list item (its text), as the hub's Wikipedia text."""
+    """Plain text of an article: WikiExtractor's ``clean`` (no template expansion) without the empty
+    parentheses it leaves, then one line per paragraph, section heading (its bare title) and list item (its
+    text), as the hub's Wikipedia text."""
     from wikiextractor.extract import clean
 
     text = clean(extractor or _extractor(), wikitext, expand_templates=False, html_safe=False)
+    text = _EMPTY_PARENS_RE.sub("", text)
     lines = []
     for line in text.split("\n"):
         s = line.strip()
