@@ -3,6 +3,7 @@ skipped pages, worker/slice invariance, damaged streams."""
 
 import bz2
 import dataclasses
+import json
 import os
 
 import pytest
@@ -279,3 +280,16 @@ def test_damaged_plain_dump_and_bad_index_are_errors(tmp_path):
     open(index, "wb").write(bz2.compress(b"12:10:Z\nnot-an-offset\n"))
     with pytest.raises(DataError, match="line 2: expected byte_offset:page_id:title"):
         list(wikidump.iter_ranges(path, index, 10))
+
+
+def test_wikidump_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
+    from benchmarks.harness import main as bench_main
+
+    assert bench_main(["wikidump", "--pages", "60", "--workers", "1", "--json", str(tmp_path / "w.json")]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "w.json").read_text())
+    assert [r["what"] for r in res["results"]] == ["read (mwxml, bz2)", "read + clean", "build, multistream",
+                                                   "build, one reader"]
+    assert all(r["pages"] == 60 and r["pages_per_cpu_s"] > 0 for r in res["results"])
+    assert res["results"][2]["tokens"] == res["results"][3]["tokens"] > 0  # same articles, either way
+    assert "pages_per_cpu_s" in out and "the reader alone reads" in out
