@@ -13,8 +13,9 @@ A document is a list of sentence strings. SPEC forms:
   wikitext cleaned by ``data.wikidump``. A ``-multistream.xml.bz2`` with its ``-multistream-index.txt.bz2``
   beside it can be split by stream offsets (see ``iter_raw_documents``).
 
-Record text (jsonl/parquet/text/hf, and dump articles after ``data.wikidump.wikitext_to_text``) is cleaned Wikipedia-style (empty lines and section headings
-dropped) and split into sentences with ``blingfire.text_to_sentences``. Datasets whose records are single
+Record text (jsonl/parquet/text/hf, and dump articles after ``data.wikidump.wikitext_to_text``) is cleaned
+Wikipedia-style (empty lines and section headings dropped) and split into sentences with
+``blingfire.text_to_sentences``. Datasets whose records are single
 sentences without document boundaries (BookCorpus on the hub) are grouped into synthetic documents of
 ``--sentences-per-doc`` consecutive records (automatic 50 for names containing ``bookcorpus``).
 

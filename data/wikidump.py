@@ -22,6 +22,7 @@ its own streams.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import io
 import os
 import re
@@ -94,13 +95,17 @@ def _pages(f, where: str) -> Iterator[tuple[str | None, str]]:
 
 
 def iter_pages(path: str) -> Iterator[tuple[str | None, str]]:
-    """Every page of a whole dump (``.xml`` or ``.xml.bz2``, multistream or not), one reader, in file order."""
+    """Every page of a whole dump (XML, bz2-compressed or not: told by its first bytes; multistream or not), one
+    reader, in file order."""
     try:
-        f = bz2.open(path, "rb") if path.lower().endswith(".bz2") else open(path, "rb")
+        raw = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
-        yield from _pages(f, path)
+    with raw:
+        compressed = raw.read(3) == _BZ2_MAGIC
+        raw.seek(0)
+        with bz2.open(raw, "rb") if compressed else contextlib.nullcontext(raw) as f:
+            yield from _pages(f, path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -137,19 +137,19 @@ def test_written_dump_has_the_multistream_layout(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Cleaning and skipping
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("form", ["multistream", "plain_bz2", "xml", "forced"])
+@pytest.mark.parametrize("form", ["multistream", "plain_bz2", "xml", "forced", "forced_xml"])
 def test_articles_are_cleaned_and_non_articles_skipped(tmp_path, form):
     path, _ = write_dump(tmp_path)
     if form == "plain_bz2":  # the same file without its index: one reader
         os.rename(path, str(tmp_path / "enwiki-pages-articles.xml.bz2"))
         path = str(tmp_path / "enwiki-pages-articles.xml.bz2")
-    elif form in ("xml", "forced"):
+    elif form in ("xml", "forced_xml"):
         with open(tmp_path / "dump.xml", "wb") as f:
             f.write(bz2.decompress(open(path, "rb").read()))
         path = str(tmp_path / "dump.xml")
-        if form == "forced":
-            os.rename(path, str(tmp_path / "dump.data"))
-            path = "wikidump:" + str(tmp_path / "dump.data")
+    if form.startswith("forced"):  # any name, compressed or not
+        os.rename(path, str(tmp_path / "dump.data"))
+        path = "wikidump:" + str(tmp_path / "dump.data")
     stats: dict = {}
     assert list(iter_documents(CorpusOptions([path]), stats)) == EXPECTED
     assert {k: stats.get(k) for k in SKIPPED} == SKIPPED and stats["wiki_pages"] == len(PAGES)
