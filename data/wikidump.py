@@ -78,13 +78,17 @@ def skip_reason(namespace: int, redirect: bool, title: str, wikitext: str) -> st
 def _pages(f, where: str) -> Iterator[tuple[str | None, str]]:
     """(skip reason or None, wikitext) of every page of an XML file object, through mwxml."""
     import mwxml
+    from mwxml.element_iterator import ElementIterator
 
     try:
-        dump = mwxml.Dump.from_file(f)
-        for page in dump:
+        root = ElementIterator.from_file(f)
+        for page in mwxml.Dump.from_element(root):
             text = ""
             for rev in page:  # pages-articles dumps hold one (the latest) revision
                 text = rev.text or ""
+            # mwxml empties each page element but leaves it in <mediawiki>'s child list (~40 bytes a page,
+            # ~1 GB over enwiki's 23M pages): drop them, the usual iterparse idiom, so memory stays flat.
+            del root.element[:]
             yield skip_reason(page.namespace, bool(page.redirect), page.title or "", text), text
     except DataError:
         raise
