@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from data import shards
-from data.corpus import (CorpusOptions, RawDoc, add_corpus_args, iter_raw_documents, prepare_document,
-                         resolve_spec)
+from data.corpus import (STREAMS, CorpusOptions, RawDoc, add_corpus_args, expand_raw, iter_raw_documents,
+                         prepare_document, resolve_spec)
+from data.wikidump import SKIPS as WIKI_SKIPS
 from common import files
 from common.errors import DataError, run_main
 from data.pretraining import Params, create_instances, derive_seed, mask_instances
@@ -49,7 +50,7 @@ DEFAULT_SHARD_SIZE = 10000
 DEFAULT_BLOCK_DOCS = 1000
 DEFAULT_BLOCK_CHARS = 8_000_000
 SKIP_REASONS = ("empty_documents", "empty_sentences", "headings_dropped", "records_without_text",
-                "empty_inputs")
+                "empty_inputs", *WIKI_SKIPS)
 _SHARD_RE = re.compile(r"^(train|valid)-\d+\.tar(\.tmp)?$")
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ def process_block(task: tuple[int, list[RawDoc]]) -> dict:
     p: Params = _W["params"]
     c = _W["corpus"]
     stats: dict = collections.Counter()
+    raws = expand_raw(raws, stats)  # a multistream dump's streams are decompressed here, by their worker
     # 1. sentences, split assignment
     docs_s: list[list[str]] = []
     is_valid: list[bool] = []
@@ -162,12 +164,22 @@ def process_block(task: tuple[int, list[RawDoc]]) -> dict:
 # Main side: blocks, ordered bounded parallelism, shard writing
 # ---------------------------------------------------------------------------------------------------
 def iter_blocks(raws: Iterable[RawDoc], block_docs: int, block_chars: int) -> Iterator[tuple[int, list]]:
+    """Documents in input order -> (block index, documents). A STREAMS item (a range of a multistream dump,
+    already sized to ``block_docs`` pages by the index) is a block of its own."""
     block: list[RawDoc] = []
     chars = 0
     index = 0
     for raw in raws:
-        block.append(raw)
         kind, payload = raw
+        if kind == STREAMS:
+            if block:
+                yield index, block
+                index += 1
+                block, chars = [], 0
+            yield index, [raw]
+            index += 1
+            continue
+        block.append(raw)
         chars += len(payload) if isinstance(payload, str) else sum(map(len, payload))  # type: ignore
         if len(block) >= block_docs or chars >= block_chars:
             yield index, block
@@ -251,6 +263,17 @@ class ShardWriter:
     def summary(self) -> dict:
         return {"shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
                 "tokens": sum(s["tokens"] for s in self.shards)}
+
+
+def _refuse_inputs_inside(out: str, inputs: list[str]) -> None:
+    """An input (corpus file, tokenizer) inside the output folder would be deleted or overwritten by the build
+    (its tokenizer/ is replaced, leftovers are cleared): refuse before anything is written."""
+    root = os.path.realpath(out)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) == root:
+            raise DataError(f"--out {out} holds the input {path}: the build would delete or overwrite it; "
+                            f"choose an output folder that does not contain its inputs")
 
 
 def _clean_out_dir(out: str) -> None:
@@ -354,6 +377,7 @@ def _manifest(tok_meta: dict, settings: dict, splits: dict, reader_stats, stats)
             "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
             **{k: stats[k] for k in ("random_next", "forced_random_next", "target_draws", "short_target_draws",
                                      "masked_as_mask", "masked_kept", "masked_random")},
+            "wiki_pages": reader_stats["wiki_pages"] + stats["wiki_pages"],
             "skipped": {k: reader_stats[k] + stats[k] for k in SKIP_REASONS},
             "repaired": {k: reader_stats[k] + stats[k] for k in ("non_utf8_lines", "giant_lines_cut")},
         },
@@ -373,8 +397,9 @@ def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenize
     tok = tokenizer if isinstance(tokenizer, BertTokenizer) else load_tokenizer(tokenizer)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     manifest_settings, tok_meta = settings.manifest_settings(corpus), dict(tok.meta())
-    for spec in corpus.inputs:  # a missing input fails before the output folder is touched
-        resolve_spec(spec)
+    # a missing input, or an input inside the output folder, fails before the output folder is touched
+    _refuse_inputs_inside(out, [f for spec in corpus.inputs for r, f in resolve_spec(spec) if r != "hf"]
+                          + ([] if isinstance(tokenizer, BertTokenizer) else [os.fspath(tokenizer)]))
     done = _prepare_out_dir(out, manifest_settings, tok_meta, overwrite)
     if done is not None:
         return done
@@ -382,12 +407,13 @@ def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenize
     reader_stats: dict = collections.Counter()
 
     def counted(it):
-        for r in it:
-            reader_stats["raw_documents"] += 1
+        for r in it:  # a STREAMS item counts the pages its index lists (every slice sees the whole index)
+            reader_stats["raw_documents"] += r[1].pages if r[0] == STREAMS else 1
             yield r
 
-    blocks = (b for b in iter_blocks(counted(iter_raw_documents(corpus, reader_stats)), settings.block_docs,
-                                     settings.block_chars) if b[0] % settings.num_slices == settings.slice_index)
+    raws = iter_raw_documents(corpus, reader_stats, stream_block_pages=settings.block_docs)
+    blocks = (b for b in iter_blocks(counted(raws), settings.block_docs, settings.block_chars)
+              if b[0] % settings.num_slices == settings.slice_index)
     writers = {s: ShardWriter(out, s, settings.shard_size) for s in shards.SPLITS}
     initargs = (tok.tokenizer.to_str(), settings, settings.valid_fraction,
                 {"max_line_chars": corpus.max_line_chars, "drop_headings": corpus.drop_headings})

@@ -9,15 +9,24 @@ A document is a list of sentence strings. SPEC forms:
 * ``google:PATH``, ``jsonl:PATH``, ``parquet:PATH`` force a reader; ``text:PATH`` reads a plain text
   file through ``datasets`` with one document per line.
 * ``hf:NAME[:CONFIG[:SPLIT]]`` — a Hugging Face hub dataset, streamed (``hf:wikimedia/wikipedia:20231101.en``).
+* a MediaWiki XML dump, ``.xml`` or ``.xml.bz2`` (``wikidump:PATH`` forces it): main-namespace articles,
+  wikitext cleaned by ``data.wikidump``. A ``-multistream.xml.bz2`` with its ``-multistream-index.txt.bz2``
+  beside it can be split by stream offsets (see ``iter_raw_documents``).
 
-Record text (jsonl/parquet/text/hf) is cleaned Wikipedia-style (empty lines and section headings
-dropped) and split into sentences with ``blingfire.text_to_sentences``. Datasets whose records are single
+Record text (jsonl/parquet/text/hf, and dump articles after ``data.wikidump.wikitext_to_text``) is cleaned
+Wikipedia-style (empty lines and section headings dropped) and split into sentences with
+``blingfire.text_to_sentences``. Datasets whose records are single
 sentences without document boundaries (BookCorpus on the hub) are grouped into synthetic documents of
 ``--sentences-per-doc`` consecutive records (automatic 50 for names containing ``bookcorpus``).
 
 Reading happens in two stages so the expensive part can run in worker processes: ``iter_raw_documents``
-(cheap, in the main process) yields ``RawDoc`` tuples; ``prepare_document`` (sentence splitting, cleanup,
-caps) turns one into a list of sentences. Every skip is counted in a ``stats`` dict under a reason.
+(cheap, in the main process) yields ``RawDoc`` tuples; ``prepare_document`` (wikitext cleaning, sentence
+splitting, caps) turns one into a list of sentences. A multistream dump can be deferred further: with
+``stream_block_pages`` the reader yields only ranges of bz2 streams (from the index) and ``expand_raw``, in
+the worker, decompresses and parses them. Every skip is counted in a ``stats`` dict under a reason.
+
+Google-format lines are read with a bound: at most ``max_line_chars`` characters of a line are ever held
+(the rest is skipped and counted as ``giant_lines_cut``); ``\n``, ``\r\n`` and a lone ``\r`` all end a line.
 """
 
 from __future__ import annotations
@@ -32,10 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from common.errors import DataError
+from data import wikidump
 
 # RawDoc = (kind, payload): kind PRESPLIT -> payload is a list of sentence lines;
-# kind RAW -> payload is a str of paragraphs (newline separated) still to be split into sentences.
-PRESPLIT, RAW = 0, 1
+# kind RAW -> payload is a str of paragraphs (newline separated) still to be split into sentences;
+# kind WIKITEXT -> payload is an article's wikitext (cleaned to RAW text, then the same);
+# kind STREAMS -> payload is a data.wikidump.StreamRange whose pages expand_raw reads (worker side).
+PRESPLIT, RAW, WIKITEXT, STREAMS = 0, 1, 2, 3
 RawDoc = tuple[int, object]
 
 BOOKCORPUS_SENTENCES_PER_DOC = 50
@@ -68,8 +80,8 @@ class CorpusOptions:
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("corpus")
     g.add_argument("--input", action="append", required=True, metavar="SPEC",
-                   help="file, folder, google:/jsonl:/parquet:/text:PATH or hf:NAME[:CONFIG[:SPLIT]] "
-                        "(repeatable)")
+                   help="file, folder, google:/jsonl:/parquet:/text:/wikidump:PATH (a .xml/.xml.bz2 is a "
+                        "MediaWiki dump) or hf:NAME[:CONFIG[:SPLIT]] (repeatable)")
     g.add_argument("--text-column", default="text", help="record field holding the text (default text)")
     g.add_argument("--sentences-per-doc", type=int, default=0,
                    help="treat records as sentences and group N consecutive ones into a document "
@@ -88,7 +100,7 @@ def _bump(stats: dict | None, key: str, n: int = 1) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Spec resolution
 # ---------------------------------------------------------------------------------------------------
-_PREFIXES = ("google", "jsonl", "json", "parquet", "text")
+_PREFIXES = ("google", "jsonl", "json", "parquet", "text", "wikidump")
 
 
 def resolve_spec(spec: str) -> list[tuple[str, str]]:
@@ -113,6 +125,8 @@ def resolve_spec(spec: str) -> list[tuple[str, str]]:
         if not files:
             raise DataError(f"input folder is empty: {spec}")
         files.sort()
+        indexes = {wikidump.index_path(f) for f in files} - {None}
+        files = [f for f in files if f not in indexes]  # a dump's offset index is not text of its own
     else:
         files = [spec]
     return [(reader or _reader_for(f), f) for f in files]
@@ -120,6 +134,8 @@ def resolve_spec(spec: str) -> list[tuple[str, str]]:
 
 def _reader_for(path: str) -> str:
     low = path.lower()
+    if wikidump.is_dump_path(low):
+        return "wikidump"
     if low.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return "jsonl"
     if low.endswith(".parquet"):
@@ -130,13 +146,19 @@ def _reader_for(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Readers (main process): cheap, streaming
 # ---------------------------------------------------------------------------------------------------
-def iter_raw_documents(opts: CorpusOptions, stats: dict | None = None) -> Iterator[RawDoc]:
-    """All documents of all specs, in input order (specs in order, files sorted)."""
+def iter_raw_documents(opts: CorpusOptions, stats: dict | None = None,
+                       stream_block_pages: int | None = None) -> Iterator[RawDoc]:
+    """All documents of all specs, in input order (specs in order, files sorted).
+
+    ``stream_block_pages``: a multistream dump with its index yields STREAMS items of at least this many pages
+    (a function of the index alone) instead of its articles, for ``expand_raw`` to read where they are used."""
     targets = [t for spec in opts.inputs for t in resolve_spec(spec)]  # validate all paths up front
     for reader, target in targets:
         _bump(stats, "files")
         if reader == "google":
             yield from _read_google(target, opts, stats)
+        elif reader == "wikidump":
+            yield from _read_wikidump(target, stats, stream_block_pages)
         elif reader == "hf":
             yield from _read_hf(target, opts, stats)
         else:
@@ -145,22 +167,21 @@ def iter_raw_documents(opts: CorpusOptions, stats: dict | None = None) -> Iterat
 
 def _read_google(path: str, opts: CorpusOptions, stats: dict | None) -> Iterator[RawDoc]:
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as f:
+            head = f.read(_BINARY_SNIFF)
+        # newline=None: "\n", "\r\n" and a lone "\r" all end a line; surrogateescape keeps undecodable bytes
+        # as lone surrogates, so a line with them can be repaired (U+FFFD, as errors="replace") and counted.
+        f = open(path, encoding="utf-8", errors="surrogateescape", newline=None)
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    if b"\x00" in head:
+        f.close()
+        raise DataError(f"{path}: looks like a binary file (NUL bytes), not sentence-per-line text; refusing it")
     with f:
-        head = f.read(_BINARY_SNIFF)
-        if b"\x00" in head:
-            raise DataError(f"{path}: looks like a binary file (NUL bytes), not sentence-per-line "
-                            f"text; refusing it")
-        f.seek(0)
-        cap = opts.max_line_chars
         doc: list[str] = []
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
+        for line in _bounded_lines(f, opts.max_line_chars, stats):
+            if _UNDECODED.search(line):
+                line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 _bump(stats, "non_utf8_lines")
             line = line.strip()
             if not line:
@@ -168,12 +189,62 @@ def _read_google(path: str, opts: CorpusOptions, stats: dict | None) -> Iterator
                     yield (PRESPLIT, doc)
                     doc = []
                 continue
-            if len(line) > cap:
-                line = line[:cap]
-                _bump(stats, "giant_lines_cut")
             doc.append(line)
         if doc:
             yield (PRESPLIT, doc)
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _bounded_lines(f, cap: int, stats: dict | None) -> Iterator[str]:
+    """Lines of a text file (without their end), each cut to ``cap`` characters: ``readline(cap)`` never holds
+    more, and the rest of a longer line is read and dropped ``cap`` characters at a time (counted)."""
+    while True:
+        line = f.readline(cap)
+        if not line:
+            return
+        if line.endswith("\n"):
+            yield line[:-1]
+            continue
+        rest = f.readline(cap)  # the line filled the cap: is there more of it?
+        if rest not in ("", "\n"):
+            _bump(stats, "giant_lines_cut")
+            while rest and not rest.endswith("\n"):
+                rest = f.readline(cap)
+        yield line
+
+
+def _read_wikidump(path: str, stats: dict | None, stream_block_pages: int | None) -> Iterator[RawDoc]:
+    index = wikidump.index_path(path)
+    if stream_block_pages and index:
+        for r in wikidump.iter_ranges(path, index, stream_block_pages):
+            yield (STREAMS, r)
+        return
+    if stream_block_pages and path.endswith("-multistream.xml.bz2"):
+        print(f"{path}: no {os.path.basename(path)[:-len('.xml.bz2')]}-index.txt.bz2 beside it: read by one reader",
+              file=sys.stderr)
+    yield from _articles(wikidump.iter_pages(path), stats)
+
+
+def _articles(pages: Iterator[tuple[str | None, str]], stats: dict | None) -> Iterator[RawDoc]:
+    for reason, text in pages:
+        _bump(stats, "wiki_pages")
+        if reason is not None:
+            _bump(stats, reason)
+        else:
+            yield (WIKITEXT, text)
+
+
+def expand_raw(raws: list[RawDoc], stats: dict | None = None) -> list[RawDoc]:
+    """``raws`` with every STREAMS item replaced by the articles of its streams (decompressed here)."""
+    out: list[RawDoc] = []
+    for raw in raws:
+        if raw[0] == STREAMS:
+            out.extend(_articles(wikidump.read_range(raw[1]), stats))  # type: ignore[arg-type]
+        else:
+            out.append(raw)
+    return out
 
 
 def _quiet_datasets():
@@ -293,6 +364,8 @@ def split_sentences(paragraph: str) -> list[str]:
 def prepare_document(doc: RawDoc, max_line_chars: int = 20000, drop_headings: bool = True,
                      stats: dict | None = None) -> list[str]:
     kind, payload = doc
+    if kind == WIKITEXT:
+        kind, payload = RAW, wikidump.wikitext_to_text(str(payload))
     if kind == PRESPLIT:
         sents = payload  # already stripped/capped by the reader
     else:

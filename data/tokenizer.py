@@ -292,9 +292,11 @@ def _main(argv: list[str] | None = None) -> int:
     bt = train_tokenizer(sents, vocab_size=a.vocab_size, min_frequency=a.min_frequency,
                          lowercase=not a.cased, show_progress=sys.stderr.isatty())
     bt.save(a.out)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(stats.items())
+                        if k not in ("files", "sentences", "documents", "wiki_pages")) or "none"
     print(f"tokenizer: vocab {bt.vocab_size}, fingerprint {bt.fingerprint}, "
           f"{stats.get('sentences', 0)} sentences from {stats.get('documents', 0)} documents, "
-          f"{time.time() - t0:.1f}s -> {a.out}")
+          f"skipped/repaired: {skipped}; {time.time() - t0:.1f}s -> {a.out}")
     return 0
 
 

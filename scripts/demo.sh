@@ -5,6 +5,8 @@
 #   3. build seq-128 WebDataset shards (Google's algorithm; ~2% of documents held out for validation),
 #   4. pretrain a mini BERT for a few minutes with 2 ranks, ZeRO-2, through the deepspeed launcher.
 # Held-out MLM accuracy is printed at step 0 and every 100 steps; it should climb well above its start.
+# At the end, launcher/evaluate.py prints two held-out examples as Input / Target / Predicted (what the
+# TensorBoard text panel shows) and the metrics table of the last checkpoint.
 # Re-running resumes from the last checkpoint (train.resume=auto); `rm -rf demo_out` starts over.
 # Extra arguments are passed on as run-config overrides, e.g. `bash scripts/demo.sh train.max_steps=100`.
 set -euo pipefail
@@ -44,6 +46,13 @@ if len(val) >= 2:
     print(f"demo: held-out MLM accuracy {a['val/mlm_acc']:.4f} (step {a['step']}) -> {b['val/mlm_acc']:.4f} "
           f"(step {b['step']}); MLM loss {a['val/mlm_loss']:.3f} -> {b['val/mlm_loss']:.3f}")
 PYEOF
+echo "demo: what the model learned: two held-out examples of its last checkpoint"
+if ! $PY launcher/evaluate.py --checkpoint "$OUT/run" --data "$OUT/shards" --examples 2 \
+        >"$OUT/evaluate.out" 2>"$OUT/evaluate.log"; then
+    cat "$OUT/evaluate.log" >&2
+    exit 1
+fi
+sed '$d' "$OUT/evaluate.out"  # all but the last line (the JSON record): the examples and the metrics table
 echo "demo: run folder    $OUT/run  (config.yaml, ds_config.json, metrics.jsonl)"
 echo "demo: checkpoints   $OUT/run/checkpoints  (latest: $(cat "$OUT/run/checkpoints/latest" 2>/dev/null || echo none))"
 echo "demo: TensorBoard   .venv/bin/tensorboard --logdir $OUT/run/tensorboard"

@@ -15,9 +15,13 @@
 # renumbers the shards in slice order and writes one manifest.
 #
 # Settings (environment; defaults in brackets):
-#   INPUTS ["hf:wikimedia/wikipedia:20231101.en hf:bookcorpus/bookcorpus"]  corpus specs, space-separated
+#   INPUTS ["hf:wikimedia/wikipedia:20231101.en hf:bookcorpus/bookcorpus"]  corpus specs, space-separated; a
+#     Wikipedia dump works too (enwiki-DATE-pages-articles-multistream.xml.bz2 with its -index.txt.bz2 beside
+#     it): each array task then decompresses only the bz2 streams of its own slice
 #   DATA_DIR [shards]: tokenizer/, seq128/, seq512/ (what slurm/large.sh reads), parts/, logs/
-#   TOKENIZER: an existing tokenizer (folder, tokenizer.json or vocab.txt) -> no tokenizer job
+#   TOKENIZER: an existing tokenizer (folder, tokenizer.json or vocab.txt) -> no tokenizer job. Without it, a
+#     tokenizer already trained in DATA_DIR/tokenizer (an earlier submission) is reused, never retrained: the
+#     slices and both sequence lengths must share one vocabulary. Delete that folder to train a new one.
 #   VOCAB_SIZE [30522]  TOKENIZER_ARGS: extra flags of python -m data.tokenizer
 #   SEQ_LENS ["128 512"]  NUM_SLICES [32]  SEED [12345]  DUPE_FACTOR [5]
 #   BUILD_ARGS: extra flags of python -m data.build (later flags win, e.g. "--max-predictions 76")
@@ -66,9 +70,16 @@ input_flags() {
 
 part_dir() { printf '%s/parts/seq%s/slice-%04d' "$DATA_DIR" "$1" "$2"; }  # SEQ_LEN SLICE
 
+# A tokenizer trained by an earlier run of this script (not TOKENIZER=...): reused, never overwritten.
+trained_tokenizer_exists() { [[ -z $TOKENIZER_GIVEN && -f $TOKENIZER/tokenizer.json ]]; }
+
 # ---------------------------------------------------------------------------------------------------------
 # Stages (run inside a job, or printed under DRY_RUN)
 stage_tokenizer() {
+  if trained_tokenizer_exists; then
+    log "reusing the existing tokenizer $TOKENIZER (not retrained; delete it to train a new one)"
+    return 0
+  fi
   local -a inputs extra
   mapfile -t inputs < <(input_flags)
   split_words extra "$TOKENIZER_ARGS"
@@ -159,7 +170,9 @@ submitter() {
   local tok="" arr merge len
   local -a lens
   split_words lens "$SEQ_LENS"
-  if [[ -z $TOKENIZER_GIVEN ]]; then
+  if trained_tokenizer_exists; then
+    log "tokenizer: reusing the existing $TOKENIZER (no tokenizer job; delete it to train a new one)"
+  elif [[ -z $TOKENIZER_GIVEN ]]; then
     tok=$(submit tokenizer "" STAGE=tokenizer --output="$LOG_DIR/%x-%j.out")
     log "tokenizer: job $tok -> $TOKENIZER"
   fi

@@ -303,3 +303,51 @@ def test_unreadable_manifest_restarts_and_missing_input_touches_nothing(tmp_path
     args = ["--input", str(tmp_path / "typo.txt"), "--tokenizer", data_tokenizer, "--out", str(out)]
     assert build_main(args) == 2 and "typo.txt" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before and shards.read_manifest(str(out)) == m1
+
+
+def test_cr_only_line_endings_are_lines(tmp_path):
+    inp = tmp_path / "mac.txt"
+    inp.write_bytes(b"First sentence here.\rSecond sentence here.\r\rThird one.\r\nFourth one.\n")
+    stats: dict = {}
+    assert list(iter_documents(CorpusOptions([str(inp)]), stats)) == [
+        ["First sentence here.", "Second sentence here."], ["Third one.", "Fourth one."]]
+    assert not stats.get("giant_lines_cut")
+
+
+def test_a_giant_line_is_never_held_whole(tmp_path):
+    """A 20 MB line with a 1000-character cap: cut and counted, and reading it allocates far less than the line."""
+    import tracemalloc
+
+    inp = tmp_path / "giant.txt"
+    with open(inp, "wb") as f:
+        f.write(b"Before it.\n")
+        f.write(b"word " * 4_000_000)
+        f.write(b"\nAfter it.\n\nNext document.\n")
+    stats: dict = {}
+    tracemalloc.start()
+    try:
+        docs = list(iter_documents(CorpusOptions([str(inp)], max_line_chars=1000), stats))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert docs == [["Before it.", ("word " * 200)[:1000].strip(), "After it."], ["Next document."]]
+    assert stats["giant_lines_cut"] == 1
+    assert peak < 2_000_000, f"peak {peak} bytes while reading a 20 MB line"
+
+
+def test_output_folder_holding_an_input_is_refused_before_anything_is_written(tmp_path, data_tokenizer, capsys):
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(data_tokenizer, d / "tokenizer")
+    (d / "c.txt").write_text("".join(f"Doc {i} first sentence.\nDoc {i} second one.\n\n" for i in range(20)))
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    for args in (["--input", str(d / "c.txt"), "--tokenizer", str(d / "tokenizer")],  # the tokenizer inside
+                 ["--input", str(d / "c.txt"), "--tokenizer", data_tokenizer],  # the corpus inside
+                 ["--input", str(d), "--tokenizer", data_tokenizer]):  # the input folder is the output folder
+        rc, err = _cli(args + ["--out", str(d), "--workers", "1", "--no-progress"], capsys)
+        assert rc == 2 and err.startswith("error: ") and f"--out {d} holds the input" in err, err
+        assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    with pytest.raises(DataError, match="holds the input"):  # also through a symlinked path
+        os.symlink(d, tmp_path / "link")
+        build([str(tmp_path / "link" / "c.txt")], data_tokenizer, str(d), **_kw())

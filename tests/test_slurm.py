@@ -251,6 +251,24 @@ def test_build_shards_dry_run_chain(tmp_path):
     assert "--dependency" not in build["opts"] and build["opts"]["--array"] == "0-3"
 
 
+def test_build_shards_reuses_a_tokenizer_it_trained_before(tmp_path):
+    """A re-run finds DATA_DIR/tokenizer: no tokenizer job is submitted, and the tokenizer stage (run as a job
+    here) keeps it as it is instead of retraining over it (INPUTS does not even exist: training would fail)."""
+    tok = tmp_path / "d" / "tokenizer" / "tokenizer.json"
+    tok.parent.mkdir(parents=True)
+    tok.write_text('{"trained": "before"}')
+    env = clean_env(DRY_RUN=1, INPUTS="corpus.txt", DATA_DIR=tmp_path / "d", NUM_SLICES=2, SEQ_LENS=128)
+    r = run("build_shards.sh", env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    build, merge = dry_sbatch_calls(r.stdout)
+    assert "--dependency" not in build["opts"] and "reusing the existing" in r.stdout
+    assert "python -m data.tokenizer" not in r.stdout
+    env.pop("DRY_RUN")
+    r = run("build_shards.sh", dict(env, SLURM_JOB_ID="7", STAGE="tokenizer"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"reusing the existing tokenizer {tok.parent}" in r.stdout and tok.read_text() == '{"trained": "before"}'
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The real cluster, with tests/fake_trainer.py as every rank: the scripts' launch and requeue logic.
 def fake_env(slurm: LocalSlurm, tmp_path: Path, **extra) -> dict:

@@ -84,21 +84,34 @@ class Validator:
         if self.fixed_batch is not None:
             self._text_panel(step)
 
-    @torch.no_grad()
     def _text_panel(self, step: int) -> None:
-        from trainer.metrics import format_examples
-
-        batch = self.fixed_batch
-        was_training = self.engine.training
-        self.engine.eval()
-        out = self.engine(**to_device(batch, model_device(self.engine)))
-        self.engine.train(was_training)
+        predictions = predict_batch(self.engine, self.fixed_batch)  # every rank: ZeRO-3 needs all in the forward
         if self.tokenizer is None:
             return
-        text = format_examples(self.tokenizer, batch["input_ids"].cpu(), batch["masked_lm_positions"].cpu(),
-                               batch["masked_lm_ids"].cpu(), out.mlm_predictions.cpu(),
-                               batch["masked_lm_weights"].cpu(), self.pad_id, self.n_examples)
+        text = examples_text(self.tokenizer, self.fixed_batch, predictions, self.pad_id, self.n_examples)
         self.metrics.text(step, "validation/examples", text)
+
+
+@torch.no_grad()
+def predict_batch(model_or_engine, batch: dict) -> torch.Tensor:
+    """MLM argmax predictions (CPU) of one batch, in eval mode."""
+    was_training = model_or_engine.training
+    model_or_engine.eval()
+    try:
+        out = model_or_engine(**to_device(batch, model_device(model_or_engine)))
+    finally:
+        model_or_engine.train(was_training)
+    return out.mlm_predictions.cpu()
+
+
+def examples_text(tokenizer, batch: dict, predictions: torch.Tensor, pad_id: int, limit: int) -> str:
+    """Markdown of decoded Input / Target / Predicted for the first ``limit`` sequences of ``batch``: the
+    validation text panel in TensorBoard, and ``launcher/evaluate.py --examples``."""
+    from trainer.metrics import format_examples
+
+    return format_examples(tokenizer, batch["input_ids"].cpu(), batch["masked_lm_positions"].cpu(),
+                           batch["masked_lm_ids"].cpu(), predictions, batch["masked_lm_weights"].cpu(), pad_id,
+                           limit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,10 +146,23 @@ def evaluate_as_ranks(model, shards: str, split: str, micro_batch: int, ranks: i
     return summarize(total)
 
 
-def run_eval(config_path: Optional[str], overrides: list[str]) -> dict:
+def first_batch_examples(model, tokenizer, shards: str, split: str, micro_batch: int, ranks: int, seed: int,
+                         limit: int) -> str:
+    """The text panel of the run's validation for this model: rank 0's first batch of the split (the batch the
+    run's Validator keeps), decoded as Input / Target / Predicted."""
+    from data.loader import PretrainLoader
+
+    loader = PretrainLoader(shards, split, micro_batch, rank=0, world_size=ranks, seed=seed, shuffle=False,
+                            loop=False)
+    batch = next(iter(loader))
+    return examples_text(tokenizer, batch, predict_batch(model, batch), tokenizer.pad_id, limit)
+
+
+def run_eval(config_path: Optional[str], overrides: list[str], examples: int = 0) -> dict:
     """MLM loss/perplexity/accuracy and NSP loss/accuracy of a checkpoint, read exactly as the run's validation
     read the split by default: the run's micro batch, precision (as this device allows: trainer.precision),
-    world size and cap on batches. Prints a table and returns the record (the launcher prints it as JSON)."""
+    world size and cap on batches. Prints a table and returns the record (the launcher prints it as JSON).
+    ``examples`` > 0: also prints (and returns) that many held-out examples as the run's text panel shows them."""
     import math
     import os
     import sys
@@ -149,7 +175,7 @@ def run_eval(config_path: Optional[str], overrides: list[str]) -> dict:
 
     t0 = time.time()
     e = configs.load(config_path, overrides, configs.EvalConfig).eval
-    model, _tokenizer, meta = load_run(e.checkpoint, e.tag)
+    model, tokenizer, meta = load_run(e.checkpoint, e.tag)
     manifest = read_manifest(e.data)
     check_data_matches(manifest, e.data, meta)
     if e.split not in manifest["splits"] or manifest["splits"][e.split]["samples"] == 0:
@@ -181,7 +207,15 @@ def run_eval(config_path: Optional[str], overrides: list[str]) -> dict:
     rows = [(k, f"{result[k]:.6f}") for k in ("mlm_loss", "perplexity", "mlm_acc", "nsp_loss", "nsp_acc")]
     rows += [("samples", str(result["samples"])), ("predictions", str(result["predictions"]))]
     print("\n".join(f"  {k:<11}  {v:>14}" for k, v in rows))
+    record = {"checkpoint": os.path.abspath(e.checkpoint), "tag": meta.tag, "step": meta.step,
+              "data": os.path.abspath(e.data), "split": e.split, "micro_batch": micro_batch,
+              "dtype": decision.precision, "ranks": ranks, "max_batches": max_batches, **result}
+    if examples > 0:
+        text = first_batch_examples(model, tokenizer, e.data, e.split, micro_batch, ranks, run_train.get("seed", 0),
+                                    examples)
+        # The panel's Markdown, bold marks dropped for a terminal; masked positions stay [bracketed].
+        print(f"\nheld-out examples (step {meta.step}, split {e.split}; masked positions in brackets):\n\n"
+              + text.replace("**", "") + "\n")
+        record["examples"] = text
     print(f"evaluated {result['samples']} samples in {time.time() - t0:.1f}s", file=sys.stderr)
-    return {"checkpoint": os.path.abspath(e.checkpoint), "tag": meta.tag, "step": meta.step,
-            "data": os.path.abspath(e.data), "split": e.split, "micro_batch": micro_batch,
-            "dtype": decision.precision, "ranks": ranks, "max_batches": max_batches, **result}
+    return record
