@@ -50,6 +50,11 @@ class Loaded:
     tag: str
 
 
+@dataclass(frozen=True)
+class Kept:
+    tags: tuple
+
+
 @dataclass
 class CkfCase:
     """What a row's fault and action work on: a private copy of a run, the shards, a scratch folder."""
@@ -70,6 +75,11 @@ def ckf_cli(script, *args, timeout=300):
 
 
 def ckf_assert_refused(p, fragments):
+    if isinstance(p, str):  # an in-process refusal: the UserError's message
+        assert "\n" not in p.strip(), p
+        for frag in fragments:
+            assert frag in p, (frag, p)
+        return
     assert p.returncode == 2, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-2000:]}\nSTDERR\n{p.stderr[-4000:]}"
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:") or "] error:" in ln]
     assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -194,13 +204,127 @@ def ckf_init_from_in_process(c: CkfCase):
     return Loaded(f"step_{load_weights(model, str(c.ckpt))['step']:07d}")
 
 
+# A real DeepSpeed engine (1 process, ZeRO-2, fp32, a 1-layer BERT) saving through Checkpointer, with a fault
+# armed after the first save: argv = mode, checkpoints folder.
+CKF_WORKER = """
+import builtins, errno, os, signal, sys
+import torch
+from bert import BertConfig, BertForPreTraining
+from trainer import checkpoint, dist
+from trainer.engine import build_engine
+
+mode, ckpt_dir = sys.argv[1], sys.argv[2]
+dist.init()
+cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                 max_position_embeddings=32)
+torch.manual_seed(0)
+engine = build_engine(BertForPreTraining(cfg), {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}})
+meta = {"tokenizer_fingerprint": "ckf", "max_seq_len": 32, "model_config": cfg.to_dict()}
+ckpt = checkpoint.Checkpointer(ckpt_dir, 2, meta)
+
+def state(step):
+    return {"step": step, "samples_seen": step, "tokens_seen": step, "rng": checkpoint.rng_state(),
+            "data_state": {"epoch": 0, "sample_in_epoch": step}}
+
+def names_latest(path):
+    return "latest" in os.path.basename(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else False
+
+if mode == "resume":
+    resume = ckpt.plan(checkpoint.resolve_resume("auto", ckpt_dir))
+    print("loaded", resume.tag, ckpt.load(engine, resume)["step"])
+    sys.exit(0)
+if mode == "retention":  # an earlier run's newer tags, then this run's saves from step 1
+    for step in (30, 40, 1, 2, 3):
+        ckpt.save(engine, state(step))
+    sys.exit(0)
+ckpt.save(engine, state(1))
+if mode == "kill_at_latest":  # SIGKILL right after a file named *latest* is opened for writing
+    real_open, real_os_open = builtins.open, os.open
+    def ckf_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if names_latest(file) and any(c in mode for c in "wax+"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f
+    def ckf_os_open(path, flags, *a, **k):
+        fd = real_os_open(path, flags, *a, **k)
+        if names_latest(path) and flags & (os.O_WRONLY | os.O_RDWR):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fd
+    builtins.open, os.open = ckf_open, ckf_os_open
+elif mode == "enospc":  # the disk fills while a ZeRO file is written: half of it lands, then ENOSPC
+    real_save = torch.save
+    def ckf_save(obj, f, *a, **k):
+        if isinstance(f, str) and f.endswith("optim_states.pt"):
+            with open(f, "wb") as out:
+                out.write(b"PK" + bytes(1000))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
+        return real_save(obj, f, *a, **k)
+    torch.save = ckf_save
+ckpt.save(engine, state(2))
+print("saved step 2")
+"""
+
+
+def ckf_worker(c: CkfCase, mode: str):
+    script = c.tmp / "ckf_worker.py"
+    script.write_text(CKF_WORKER)
+    return subprocess.run([sys.executable, str(script), mode, str(c.ckpt)], capture_output=True, text=True,
+                          env=base_env(PYTHONPATH=str(REPO)), timeout=300, cwd=REPO)
+
+
+def ckf_killed_while_latest_is_replaced(c: CkfCase):
+    p = ckf_worker(c, "kill_at_latest")
+    assert p.returncode == -9, p.stderr[-3000:]
+
+
+def ckf_disk_full_during_save(c: CkfCase):
+    p = ckf_worker(c, "enospc")
+    ckf_assert_refused(p, ("step_0000002", "No space left on device", "step_0000001"))
+    assert not (c.ckpt / "step_0000002").exists()  # the partial save is invisible
+
+
+def ckf_worker_resume(c: CkfCase):
+    p = ckf_worker(c, "resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, tag, step = next(ln for ln in p.stdout.splitlines() if ln.startswith("loaded ")).split()
+    assert tag == f"step_{int(step):07d}"
+    return Resumed(tag)
+
+
+def ckf_retention(c: CkfCase):
+    p = ckf_worker(c, "retention")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return Kept(tuple(sorted(t for t in os.listdir(c.ckpt) if t.startswith("step_"))))
+
+
+def ckf_universal_past_its_bound(c: CkfCase):
+    from common.errors import UserError
+    from trainer.checkpoint import convert_to_universal
+
+    try:
+        convert_to_universal(str(c.ckpt / "step_0000008"), log=lambda m: None, timeout_s=0.01)
+    except UserError as e:
+        return str(e)
+    return "converted"
+
+
+def ckf_export_over_existing(c: CkfCase):
+    out = c.tmp / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("a colleague's export")
+    p = ckf_cli(CKF_EXPORT, "--checkpoint", c.run, "--out", out)
+    assert sorted(os.listdir(out)) == ["mine.txt"] and (out / "mine.txt").read_text() == "a colleague's export"
+    return p
+
+
 # ---------------------------------------------------------------------------------------------------
 # The table
 
 @dataclass(frozen=True)
 class CkfRow:
     name: str
-    source: str  # "eval_run" (step_0000008 only) or "two_tags" (step_0000002, step_0000004)
+    source: str  # "eval_run" (step_0000008 only), "two_tags" (step_0000002, step_0000004) or "empty"
     fault: object
     act: object
     expect: object
@@ -227,6 +351,16 @@ CKF_ROWS = [
            Resumed("step_0000002")),
     CkfRow("train.init_from with an empty latest", "two_tags", ckf_latest(b""), ckf_init_from_in_process,
            Loaded("step_0000004")),
+    CkfRow("kill -9 while latest is replaced", "empty", ckf_killed_while_latest_is_replaced, ckf_plan,
+           Resumed("step_0000001")),
+    CkfRow("disk full while a ZeRO file is written", "empty", ckf_disk_full_during_save, ckf_worker_resume,
+           Resumed("step_0000001")),
+    CkfRow("a run resumed from an older tag: retention", "empty", ckf_no_fault, ckf_retention,
+           Kept(("step_0000002", "step_0000003", "step_0000030", "step_0000040"))),
+    CkfRow("universal conversion past its bound", "eval_run", ckf_no_fault, ckf_universal_past_its_bound,
+           Refused(("rank 0", "step_0000008", "universal conversion", "took over"))),
+    CkfRow("export_hf into an existing folder", "eval_run", ckf_no_fault, ckf_export_over_existing,
+           Refused(("exists", "--force"))),
 ]
 
 
@@ -245,9 +379,11 @@ def ckf_two_tags(tmp_path_factory, train_shards):
 
 @pytest.mark.parametrize("row", CKF_ROWS, ids=[r.name for r in CKF_ROWS])
 def test_checkpoint_fault(row, request, tmp_path, train_shards):
-    source = request.getfixturevalue("eval_run" if row.source == "eval_run" else "ckf_two_tags")
     run = tmp_path / "run"
-    shutil.copytree(source, run)
+    if row.source == "empty":
+        (run / "checkpoints").mkdir(parents=True)
+    else:
+        shutil.copytree(request.getfixturevalue("eval_run" if row.source == "eval_run" else "ckf_two_tags"), run)
     case = CkfCase(run=run, shards=train_shards, tmp=tmp_path, marker=tmp_path / "PAYLOAD_RAN")
     before = train_records(run) if (run / "metrics.jsonl").exists() else {}
     row.fault(case)
