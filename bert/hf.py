@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass, field
 
@@ -120,10 +121,17 @@ def _read_config(path: str) -> BertConfig:
 
 
 def _load_weight_file(file: str) -> dict[str, torch.Tensor]:
+    """safetensors (no code at all), or a pytorch_model.bin read with weights_only=True: tensors and plain
+    containers only, so a pickle that names any other callable is refused before anything runs."""
     if file.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(file, device="cpu")
-    sd = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "global" in ln.lower() or "but got" in ln), lines[0] if lines else "")
+        raise ValueError(f"{file}: refused or unreadable as plain weights ({type(e).__name__}: {why[:300]})") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{file}: expected a state dict, got {type(sd).__name__}")
     return sd

@@ -3,7 +3,6 @@ and optimizer, the loader's global stream for the data). With the same global ba
 samples of the uninterrupted run, and with dropout off the losses follow it closely."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -101,8 +100,9 @@ def test_two_ranks_to_one_converts_once_reuses_and_redoes_a_damaged_conversion(r
     assert uni.stat().st_mtime_ns == stamp
     victim = next(p for p in sorted(uni.rglob("*.pt")))
     victim.write_bytes(victim.read_bytes()[:10])  # a damaged conversion (or one cut by a crash)
-    os.makedirs(str(uni) + ".tmp-123", exist_ok=True)  # a half-written one of a killed run: never used
+    leftover = uni.parent / f".{uni.name}.killed.tmp"  # a half-written one of a killed run: never used
+    leftover.mkdir()
     again, log3, _ = resume_on(procs, runs, tmp_path, 2, 2, 1, copy=False)
     assert f"converted {run_dir / 'checkpoints' / tag_for(SAVE)} to a universal checkpoint" in log3
-    assert universal_complete(str(uni)) and not Path(str(uni) + ".tmp-123").exists()
+    assert universal_complete(str(uni)) and not leftover.exists()
     assert_continues(again, runs[(2, 2)]["recs"])

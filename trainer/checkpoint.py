@@ -7,9 +7,18 @@ A run directory is what pretraining writes (trainer.pretrain)::
     RUN_DIR/model_config.json      BertConfig.to_dict()
     RUN_DIR/tokenizer/             copy of the shards' tokenizer
     RUN_DIR/metrics.jsonl, tensorboard/
-    RUN_DIR/checkpoints/latest     name of the newest tag
+    RUN_DIR/checkpoints/latest     name of the newest published tag (replaced atomically)
     RUN_DIR/checkpoints/step_N/    DeepSpeed's checkpoint: mp_rank_00_model_states.pt (weights + client state),
-                                   *_optim_states.pt (one per data-parallel rank under ZeRO)
+                                   *_optim_states.pt (one per data-parallel rank under ZeRO),
+                                   checkpoint_complete.json (every file and its size: the completion marker)
+
+A checkpoint is complete or invisible: every rank writes into a hidden temporary folder and fsyncs its own
+files; after a barrier rank 0 writes the completion marker, renames the folder to step_N and only then
+replaces ``latest``. Reading picks the tag ``latest`` names when it is complete, else the newest complete
+tag (with a warning), else refuses naming what it found; it never silently starts from step 0 while tags
+exist. Loading never executes code: every file of a tag is scanned for the pickle globals it references
+(without unpickling it) against a short allow-list before anything, ours or DeepSpeed's, opens it, and our
+own reads use ``weights_only=True`` (docs/reliability.md, "Checkpoints").
 
 DeepSpeed writes the client state from rank 0 only, so anything that differs per rank (the loader position,
 the RNG states) is gathered first and stored as a list indexed by rank. Client-state schema::
@@ -19,6 +28,9 @@ the RNG states) is gathered first and stored as a list indexed by rank. Client-s
      "rng": [{"python", "numpy", "torch", "accelerator"} of rank 0, rank 1, ...],
      "world_size": int, "run_config": dict, "model_config": dict, "ds_config": dict,
      "tokenizer_fingerprint": str, "max_seq_len": int, "format_version": int}
+
+RNG states are stored as plain ints, lists and tensors (the NumPy state's key array as a list), so a
+checkpoint needs no NumPy object to be read back.
 
 Reading back: the weights are consolidated to fp32 with DeepSpeed's own API
 (`get_fp32_state_dict_from_zero_checkpoint`: any ZeRO stage, any rank count, one CPU process). Without ZeRO
@@ -35,6 +47,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -47,6 +60,8 @@ import torch
 
 from bert import BertConfig, BertForPreTraining
 from bert.hf import HF_FINGERPRINT_FIELD, TIED_KEYS
+from common import files
+from common.errors import UserError
 from trainer import dist
 from trainer.errors import CheckpointError, ConfigError
 
@@ -71,14 +86,174 @@ def list_tags(ckpt_dir: str) -> list[str]:
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    """The tag ``latest`` names, if that folder exists."""
+def _step_of(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trust: what a checkpoint file may reference
+
+def _allowed_globals() -> list:
+    """The non-torch objects a checkpoint of this project may hold: DeepSpeed's loss scalers, its ZeRO stage
+    enum and the fragment addresses of its flat optimizer partitions, and (in checkpoints written before the
+    RNG states became plain lists) the three names NumPy arrays are rebuilt from. None of them runs code
+    of the file's choosing: each only sets attributes or rebuilds an array of a plain dtype."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from numpy._core.multiarray import _reconstruct
+
+    # the dtype class is produced by np.dtype's own reduction (never a pickle global): listed for the unpickler
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, _reconstruct, np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _allowed_names() -> set[str]:
+    return {f"{g.__module__}.{g.__name__}" for g in _allowed_globals()}
+
+
+def check_trusted(path: str) -> None:
+    """Refuse a torch.save file whose pickle references anything beyond torch's own weights-only set and
+    _allowed_globals. The pickle is disassembled, never run (torch.serialization.get_unsafe_globals_in_checkpoint),
+    so this is what makes it safe for DeepSpeed, which unpickles with weights_only=False, to open it next."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - any failure to disassemble it means: do not unpickle it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: refused: not a readable torch.save file ({type(e).__name__}: {first}); "
+                              f"it was not unpickled") from None
+    bad = sorted(set(unsafe) - _allowed_names())
+    if bad:
+        raise CheckpointError(f"{path}: refused: its pickle references {', '.join(bad)}, which loading would "
+                              f"call; a checkpoint holds tensors, plain data and DeepSpeed's own state classes "
+                              f"only (docs/reliability.md). It was not unpickled")
+
+
+def check_folder_trusted(folder: str) -> None:
+    """check_trusted on every *.pt file below ``folder`` (a tag, or a universal conversion)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.pt"), recursive=True)):
+        check_trusted(path)
+
+
+def torch_load(path: str):
+    """torch.load of a checkpoint file after check_trusted, with weights_only=True and the allow-list."""
+    check_trusted(path)
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "but got" in ln or "global" in ln.lower()), lines[0] if lines else "")
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {why.strip()[:300]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Completeness: which tag a reader may use
+
+MARKER = "checkpoint_complete.json"
+# files.atomic_dir's temporary folder of a save (".step_N.<random>.tmp", and ".old" while one replaces a tag)
+_SAVE_LEFTOVER_RE = re.compile(r"^\.step_(\d{7,})\..*\.tmp(?:\.old)?$")
+_ZERO_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
+
+
+def _read_latest(ckpt_dir: str) -> tuple[Optional[str], str]:
+    """(tag ``latest`` names, or None; what was found, in words for a message)."""
     path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(256)
+    except FileNotFoundError:
+        return None, "is missing"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"is garbled ({raw[:40]!r})"
+    if not text:
+        return None, "is empty"
+    if not TAG_RE.match(text):
+        return None, f"is garbled ({text[:40]!r} is not a step_N tag)"
+    if not os.path.isdir(os.path.join(ckpt_dir, text)):
+        return None, f"names {text}, which does not exist"
+    return text, f"names {text}"
+
+
+def _legacy_problem(tag_dir: str) -> Optional[str]:
+    """A tag written before completion markers existed is taken as complete when rank 0's model states are
+    readable and every data-parallel rank's ZeRO file (world_size of its client state) is there and readable."""
+    try:
+        client = read_client_state(os.path.dirname(tag_dir), os.path.basename(tag_dir))
+        check_folder_trusted(tag_dir)
+    except CheckpointError as e:
+        return str(e)
+    ranks = {int(m.group(1)) for name in os.listdir(tag_dir) if (m := _ZERO_FILE_RE.search(name))}
+    world = int(client.get("world_size") or 1)
+    missing = sorted(set(range(world)) - ranks) if ranks else []
+    if missing:
+        return f"{tag_dir}: the ZeRO files of rank(s) {missing} are missing ({world} rank(s) saved it)"
+    return None
+
+
+def tag_problem(tag_dir: str) -> Optional[str]:
+    """None when ``tag_dir`` is a complete checkpoint: its marker lists every file at its size (or, without a
+    marker, _legacy_problem finds nothing); otherwise what is wrong, in words."""
+    marker = os.path.join(tag_dir, MARKER)
+    if not os.path.isfile(marker):
+        return _legacy_problem(tag_dir)
+    try:
+        listed = files.read_json(marker, "checkpoint completion marker")["files"]
+        listed = {str(k): int(v) for k, v in listed.items()}
+    except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"{marker}: unreadable ({e})"
+    for rel, size in sorted(listed.items()):
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def choose_tag(ckpt_dir: str, warn=print) -> Optional[str]:
+    """The tag a reader of ``ckpt_dir`` loads: the one ``latest`` names when it is complete; else the newest
+    tag with a completion marker that is complete (``warn`` says so); None when the folder holds no tag and no
+    ``latest`` at all. Anything else is refused naming what was found: never a silent fresh start."""
+    latest = os.path.join(ckpt_dir, "latest")
+    tags = list_tags(ckpt_dir)
+    named, found = _read_latest(ckpt_dir)
+    if named is not None:
+        problem = tag_problem(os.path.join(ckpt_dir, named))
+        if problem is None:
+            return named
+        found = f"names {named}, which is incomplete ({problem})"
+    if not tags and found == "is missing":
         return None
-    with open(path, encoding="utf-8") as f:
-        tag = f.read().strip()
-    return tag if tag and os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+    for tag in reversed(tags):
+        tag_dir = os.path.join(ckpt_dir, tag)
+        if tag != named and os.path.isfile(os.path.join(tag_dir, MARKER)) and tag_problem(tag_dir) is None:
+            warn(f"warning: {latest} {found}: using the newest complete checkpoint, {tag}")
+            return tag
+    raise CheckpointError(f"{latest} {found}, and no other complete checkpoint is in {ckpt_dir} (tags: "
+                          f"{', '.join(tags) or 'none'}); name one with train.resume / --tag, or start afresh "
+                          f"with train.resume=none")
+
+
+def pick_tag(load_dir: str, tag: Optional[str], warn=print) -> str:
+    """``tag`` when given (it must be a complete checkpoint), else choose_tag; refuses when there is none."""
+    if tag is None:
+        tag = choose_tag(load_dir, warn)
+        if tag is None:
+            raise CheckpointError(f"{load_dir}: no checkpoint (no 'latest' and no step_N tag)")
+        return tag
+    problem = tag_problem(os.path.join(load_dir, tag))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {os.path.join(load_dir, tag)} is incomplete: {problem}")
+    return tag
+
+
+def _holds_checkpoints(ckpt_dir: str) -> bool:
+    return os.path.lexists(os.path.join(ckpt_dir, "latest")) or bool(list_tags(ckpt_dir))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +264,9 @@ def rng_state() -> dict:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if acc.device_name() != "cpu":
         state["accelerator"] = acc.get_rng_state()
     return state
@@ -99,7 +276,7 @@ def set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(tuple(state["numpy"]))  # keys: a list (or an array in older checkpoints)
     torch.set_rng_state(state["torch"])
     if "accelerator" in state:
         get_accelerator().set_rng_state(state["accelerator"])
@@ -143,44 +320,80 @@ class Checkpointer:
         self.last_saved: Optional[str] = None
 
     def save(self, engine, state: dict) -> str:
-        """Collective: every rank calls it with its own ``state`` (Trainer.state_dict())."""
-        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
+        """Collective: every rank calls it with its own ``state`` (Trainer.state_dict()). The checkpoint is
+        written into a hidden temporary folder (files.atomic_dir on rank 0, its name shared), each rank fsyncs
+        its own files, and after a barrier rank 0 writes the completion marker, renames the folder to the tag
+        and replaces ``latest``. A rank failing or killed on the way leaves the previous checkpoint and
+        ``latest`` as they were."""
         rank, world = dist.rank_world()
         step = state["step"]
         tag = tag_for(step)
-        client = {"step": step, "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                  "data_state": dist.all_gather_object(state["data_state"]),
-                  "rng": dist.all_gather_object(state["rng"]), "world_size": world,
-                  "data_health": state.get("data_health"), **self.meta,
-                  # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
-                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        engine.save_checkpoint(self.dir, tag=tag, client_state=client)
-        dist.barrier()  # every rank has written its ZeRO partition before anything is deleted
+        client = self._client_state(state, world)
+        target = os.path.join(self.dir, tag)
         if rank == 0:
-            for old in list_tags(self.dir)[:-self.keep]:
-                if old != tag:
-                    shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
-                    shutil.rmtree(os.path.join(self.dir, old + UNIVERSAL), ignore_errors=True)
+            os.makedirs(self.dir, exist_ok=True)
+        with (files.atomic_dir(target, replace=True) if rank == 0 else contextlib.nullcontext()) as mine:
+            tmp = dist.all_gather_object(mine)[0]  # rank 0's temporary folder, for every rank to write into
+            try:
+                engine.save_checkpoint(self.dir, tag=os.path.basename(tmp), client_state=client, save_latest=False)
+                _fsync_own_files(tmp, rank)
+            except OSError as e:  # a full disk or quota, a failing file system
+                raise CheckpointError(f"rank {rank}: saving checkpoint {tag} (step {step}) failed: {e}; the "
+                                      f"last complete checkpoint, {self.last_saved or 'none'}, is untouched") from None
+            dist.barrier()  # every rank's files are written and on disk
+            if rank == 0:
+                files.write_json(os.path.join(tmp, MARKER), {"tag": tag, "step": step, "world_size": world,
+                                                            "files": _listing(tmp, MARKER)})
+        if rank == 0:
+            files.write_text(os.path.join(self.dir, "latest"), tag)
+            self._retain(tag)
         dist.barrier()
-        self.last_saved = os.path.join(self.dir, tag)
+        self.last_saved = target
         return self.last_saved
 
+    def _client_state(self, state: dict, world: int) -> dict:
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        return {"step": state["step"], "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
+                "data_state": dist.all_gather_object(state["data_state"]),
+                "rng": dist.all_gather_object(state["rng"]), "world_size": world,
+                "data_health": state.get("data_health"), **self.meta,
+                # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+    def _retain(self, tag: str) -> None:
+        """Keep ``tag`` and the newest keep-1 tags older than it; tags newer than it (an earlier run's, when this
+        one resumed from an older tag) are never deleted. Leftovers of saves cut short before it go too."""
+        step = _step_of(tag)
+        older = [t for t in list_tags(self.dir) if _step_of(t) < step]
+        for old in older[:max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.dir, old + UNIVERSAL), ignore_errors=True)
+        for name in os.listdir(self.dir):
+            m = _SAVE_LEFTOVER_RE.match(name)
+            if m and int(m.group(1)) < step:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
     def plan(self, resume: tuple[str, Optional[str]]) -> Resume:
-        """Before the engine exists (collective): which folder to load, converting the checkpoint to a universal
-        one beside it (rank 0, once) when it was written by another number of ranks."""
+        """Before the engine exists (collective): rank 0 picks the tag (pick_tag: the complete one ``latest``
+        names, else the newest complete one), scans its files, and converts it to a universal checkpoint beside
+        it when it was written by another number of ranks; every rank gets the same answer or the same refusal."""
         load_dir, tag = resume
-        tag = tag or latest_tag(load_dir)
-        client = read_client_state(load_dir, tag)
-        saved = int(client.get("world_size") or len(client.get("data_state") or [None]))
-        rank, world = dist.rank_world()
-        if saved == world:
-            return Resume(load_dir, tag, saved)
-        if rank == 0:
-            convert_to_universal(os.path.join(load_dir, tag), self.log)
-        dist.barrier()
-        return Resume(load_dir, tag + UNIVERSAL, saved, universal=True)
+        _, world = dist.rank_world()
+
+        def decide(heartbeat) -> Resume:
+            chosen = pick_tag(load_dir, tag, self.log)
+            check_folder_trusted(os.path.join(load_dir, chosen))
+            client = read_client_state(load_dir, chosen)
+            saved = int(client.get("world_size") or len(client.get("data_state") or [None]))
+            if saved == world:
+                return Resume(load_dir, chosen, saved)
+            universal = convert_to_universal(os.path.join(load_dir, chosen), self.log, heartbeat=heartbeat)
+            check_folder_trusted(universal)
+            return Resume(load_dir, chosen + UNIVERSAL, saved, universal=True)
+
+        return on_rank0(decide, f"resume from {tag or load_dir}: choosing, scanning and converting the checkpoint")
 
     def load(self, engine, resume: Resume) -> dict:
         """Load weights, optimizer and loss-scale state into ``engine`` (collective); returns this rank's view of
@@ -231,80 +444,155 @@ UNIVERSAL = "_universal"  # step_N -> step_N_universal, beside it
 _UNIVERSAL_MANIFEST = "universal_manifest.json"
 
 
-def _listing(folder: str) -> dict[str, int]:
-    """{relative path: size} of every file below ``folder`` but the manifest."""
+def _listing(folder: str, manifest: str) -> dict[str, int]:
+    """{relative path: size} of every file below ``folder`` but the manifest that lists them."""
     out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
+    for root, _, names in os.walk(folder):
+        for name in names:
             full = os.path.join(root, name)
             rel = os.path.relpath(full, folder)
-            if rel != _UNIVERSAL_MANIFEST:
+            if rel != manifest:
                 out[rel] = os.path.getsize(full)
     return out
+
+
+def _fsync_own_files(folder: str, rank: int) -> None:
+    """fsync the files of ``folder`` this rank wrote: DeepSpeed names a data-parallel rank's files
+    ``*zero_pp_rank_<rank>_*``; the rest (model states, the folder itself) are rank 0's. Each rank syncs its
+    own because on a shared file system only the writer's client can flush them."""
+    owned = [folder] if rank == 0 else []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            m = _ZERO_FILE_RE.search(name)
+            if (int(m.group(1)) if m else 0) == rank:
+                owned.append(os.path.join(root, name))
+    for path in owned:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def on_rank0(job, what: str, poll_s: float = 5.0):
+    """Run ``job(heartbeat)`` on rank 0 only (collective): every rank returns its result or raises its
+    refusal. While the job works it calls ``heartbeat()`` every few seconds, one small all_gather that tells
+    the waiting ranks it is alive, so each of their waits is bounded by train.collective_timeout however long
+    the job may legitimately take (the job bounds itself); a rank 0 that died or hung is reported naming the
+    waiting rank and ``what``."""
+    rank, _ = dist.rank_world()
+
+    def exchange(msg):
+        try:
+            return dist.all_gather_object(msg)[0]
+        except Exception as e:  # noqa: BLE001 - a failed collective is reported, anything else re-raised
+            if not dist.is_collective_failure(e):
+                raise
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"rank {rank}: no word from rank 0 during {what} ({type(e).__name__}: "
+                                  f"{first}): rank 0 stopped (see its message) or train.collective_timeout "
+                                  f"passed") from None
+
+    if rank == 0:
+        try:
+            msg = ("done", job(lambda: exchange(("running", None))))
+        except UserError as e:
+            msg = ("error", str(e))
+        exchange(msg)
+    else:
+        msg = exchange(None)
+        while msg[0] == "running":
+            msg = exchange(None)
+    if msg[0] == "error":
+        raise CheckpointError(msg[1])
+    return msg[1]
 
 
 def universal_complete(folder: str) -> bool:
     """Whether ``folder`` is a finished conversion whose files are all there at their sizes."""
     try:
         with open(os.path.join(folder, _UNIVERSAL_MANIFEST), encoding="utf-8") as f:
-            return json.load(f)["files"] == _listing(folder)
+            return json.load(f)["files"] == _listing(folder, _UNIVERSAL_MANIFEST)
     except (OSError, ValueError, KeyError):
         return False
 
 
-def convert_to_universal(src: str, log=print, timeout_s: float = 3600) -> str:
+UNIVERSAL_TIMEOUT_S = 3600.0  # ds_to_universal of BERT-large on one CPU core takes minutes; an hour means stuck
+
+
+def convert_to_universal(src: str, log=print, timeout_s: float = UNIVERSAL_TIMEOUT_S, heartbeat=None,
+                         poll_s: float = 5.0) -> str:
     """DeepSpeed's ds_to_universal of checkpoint folder ``src`` into ``src`` + "_universal", once: written to a
-    temporary folder, listed in a manifest, then renamed into place, so a half-written conversion is never
-    used; one that is incomplete or whose files changed is redone. Returns the universal folder."""
-    import subprocess
+    temporary folder (files.atomic_dir), listed in a manifest, then renamed into place, so a half-written
+    conversion is never used; one that is incomplete or whose files changed is redone. ``src`` is scanned
+    first (the converter unpickles with weights_only=False). ``heartbeat`` is called every ``poll_s`` while the
+    converter runs (on_rank0's keep-alive); past ``timeout_s`` it is killed. Returns the universal folder."""
     import time
 
     target = src.rstrip("/") + UNIVERSAL
     if universal_complete(target):
         log(f"universal checkpoint {target} already converted: reused")
         return target
-    for old in glob.glob(target + ".tmp-*") + ([target] if os.path.exists(target) else []):
-        shutil.rmtree(old, ignore_errors=True)  # a crashed or damaged conversion
-    tmp = f"{target}.tmp-{os.getpid()}"
+    check_folder_trusted(src)
+    parent, base = os.path.split(target)
+    for old in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.*.tmp*")):
+        shutil.rmtree(old, ignore_errors=True)  # a conversion cut short by a crash
     t0 = time.time()
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src, "--output_folder", tmp,
-           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"converting {src} to a universal checkpoint took over {timeout_s:.0f}s") from None
-    if p.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"converting {src} to a universal checkpoint failed (exit {p.returncode}): "
-                              f"{(p.stderr or p.stdout).strip().splitlines()[-1:]}")
-    with open(os.path.join(tmp, _UNIVERSAL_MANIFEST), "w", encoding="utf-8") as f:
-        json.dump({"source": os.path.abspath(src), "files": _listing(tmp)}, f, indent=1)
-    os.rename(tmp, target)
+    with files.atomic_dir(target, replace=True) as tmp:
+        _run_converter(src, tmp, timeout_s, heartbeat or (lambda: None), poll_s)
+        files.write_json(os.path.join(tmp, _UNIVERSAL_MANIFEST),
+                         {"source": os.path.abspath(src), "files": _listing(tmp, _UNIVERSAL_MANIFEST)}, indent=1)
     log(f"converted {src} to a universal checkpoint {target} in {time.time() - t0:.0f}s (DeepSpeed's "
         f"ds_to_universal; once, beside the original)")
     return target
 
 
-def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[str]]]:
-    """``train.resume`` -> (load_dir, tag) for engine.load_checkpoint, or None for a fresh start.
+def _run_converter(src: str, out: str, timeout_s: float, heartbeat, poll_s: float) -> None:
+    import subprocess
+    import time
 
-    ``auto``: output_dir/checkpoints if it has a ``latest``; ``none``: never; a path: either a
-    checkpoints folder (with ``latest``) or one tag folder inside it, or a run directory.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src, "--output_folder", out,
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    where = f"rank 0, resume from {os.path.basename(src.rstrip('/'))}, phase universal conversion"
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        while True:
+            try:
+                output, _ = p.communicate(timeout=max(0.0, min(poll_s, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    p.kill()
+                    p.communicate()
+                    raise CheckpointError(f"converting {src} to a universal checkpoint took over {timeout_s:.0f}s "
+                                          f"({where}); killed it") from None
+                heartbeat()
+    if p.returncode != 0:
+        raise CheckpointError(f"converting {src} to a universal checkpoint failed (exit {p.returncode}, {where}): "
+                              f"{(output or '').strip().splitlines()[-1:]}")
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> Optional[tuple[str, Optional[str]]]:
+    """``train.resume`` -> (load_dir, tag or None: Checkpointer.plan picks it), or None for a fresh start.
+
+    ``auto``: output_dir/checkpoints when it holds a ``latest`` or any step_N tag (whatever state ``latest``
+    is in: plan falls back or refuses, never starts afresh); ``none``: never; a path: a checkpoints folder,
+    one tag folder inside it, or a run directory.
     """
     if resume == "none":
         return None
     if resume == "auto":
-        return (ckpt_dir, None) if latest_tag(ckpt_dir) else None
+        return (ckpt_dir, None) if _holds_checkpoints(ckpt_dir) else None
     path = os.path.abspath(resume)
-    if os.path.isfile(os.path.join(path, "latest")):
+    if _holds_checkpoints(path):
         return path, None
     if any(os.path.isfile(os.path.join(path, name)) for name in (MODEL_STATES, ZERO3_MODEL_STATES)):
         return os.path.dirname(path), os.path.basename(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")) and latest_tag(os.path.join(path, "checkpoints")):
+    if _holds_checkpoints(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
-    raise ConfigError(f"{resume!r}: not a checkpoints folder with a 'latest' file, a checkpoint tag folder "
-                      f"holding {MODEL_STATES} (ZeRO-3: {ZERO3_MODEL_STATES}), nor a run directory with checkpoints")
+    raise ConfigError(f"{resume!r}: not a checkpoints folder (with 'latest' or step_N tags), a checkpoint tag "
+                      f"folder holding {MODEL_STATES} (ZeRO-3: {ZERO3_MODEL_STATES}), nor a run directory with "
+                      f"checkpoints")
 
 
 def load_weights(model: torch.nn.Module, init_from: str) -> dict:
@@ -314,7 +602,10 @@ def load_weights(model: torch.nn.Module, init_from: str) -> dict:
     if resolved is None:
         raise ConfigError(f"train.init_from={init_from!r} is not a checkpoint path")
     load_dir, tag = resolved
-    tag = tag or latest_tag(load_dir)
+    try:
+        tag = pick_tag(load_dir, tag, log.warning)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from={init_from}: {e}") from None
     states = read_model_states(os.path.join(load_dir, tag))
     sd, _how = consolidate_fp32(load_dir, tag, states, model)
     try:
@@ -328,11 +619,8 @@ def load_weights(model: torch.nn.Module, init_from: str) -> dict:
 
 
 def read_client_state(load_dir: str, tag: Optional[str] = None) -> dict:
-    """Client state of a checkpoint without building an engine."""
-    tag = tag or latest_tag(load_dir)
-    if tag is None:
-        raise CheckpointError(f"no checkpoint found in {load_dir} (expected 'latest' and <tag>/{MODEL_STATES})")
-    states = read_model_states(os.path.join(load_dir, tag))
+    """Client state of a checkpoint (``tag``, else pick_tag's choice) without building an engine."""
+    states = read_model_states(os.path.join(load_dir, tag or pick_tag(load_dir, None)))
     return {k: states[k] for k in CLIENT_KEYS if k in states}
 
 
@@ -392,21 +680,14 @@ def is_hf_dir(path: str) -> bool:
 
 
 def resolve_tag(checkpoints_dir: str, tag: str | None) -> str:
-    """`tag` if given (must exist), else the content of checkpoints/latest."""
+    """``tag`` if given (it must exist and be complete), else pick_tag's choice (``latest`` when complete)."""
     if not os.path.isdir(checkpoints_dir):
         raise CheckpointError(f"{checkpoints_dir}: no checkpoints directory (has the run saved a checkpoint yet?)")
-    available = sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
-    if tag is None:
-        latest = os.path.join(checkpoints_dir, "latest")
-        if not os.path.isfile(latest):
-            raise CheckpointError(f"{latest}: missing; pass --tag (available tags: {available or 'none'})")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
-        if not tag:
-            raise CheckpointError(f"{latest}: empty; pass --tag (available tags: {available or 'none'})")
-    if tag not in available:
-        raise CheckpointError(f"{checkpoints_dir}: no checkpoint tag {tag!r} (available tags: {available or 'none'})")
-    return tag
+    if tag is not None and not os.path.isdir(os.path.join(checkpoints_dir, tag)):
+        available = list_tags(checkpoints_dir)
+        raise CheckpointError(f"{checkpoints_dir}: no checkpoint tag {tag!r} (available tags: "
+                              f"{', '.join(available) or 'none'})")
+    return pick_tag(checkpoints_dir, tag, lambda m: print(m, file=sys.stderr))
 
 
 def model_states_file(ckpt_dir: str) -> str:
@@ -423,8 +704,12 @@ def model_states_file(ckpt_dir: str) -> str:
 
 def read_model_states(ckpt_dir: str) -> dict:
     """DeepSpeed's model-states file: module weights, param_shapes, optimizer (stage 0), and the
-    client_state keys at top level. Needs weights_only=False: DeepSpeed pickles its own objects in it."""
-    return torch.load(model_states_file(ckpt_dir), map_location="cpu", weights_only=False)
+    client_state keys at top level (torch_load: scanned, then weights_only with DeepSpeed's classes allowed)."""
+    states = torch_load(model_states_file(ckpt_dir))
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{model_states_file(ckpt_dir)}: holds a {type(states).__name__}, not DeepSpeed's "
+                              f"model states")
+    return states
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,6 +782,8 @@ def consolidate_fp32(checkpoints_dir: str, tag: str, states: dict,
     ckpt_dir = os.path.join(checkpoints_dir, tag)
     if glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        check_folder_trusted(ckpt_dir)  # DeepSpeed's reader unpickles with weights_only=False
 
         # DeepSpeed prints progress to stdout; keep stdout for our result lines.
         with contextlib.redirect_stdout(sys.stderr):

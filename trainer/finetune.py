@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bert import BertConfig, BertForSequenceClassification
+from common import files
 from data.loader import padded_length
 from trainer import dist
 from trainer.config import FinetuneConfig
@@ -291,9 +292,7 @@ def save_classifier(model: BertForSequenceClassification, out_dir: str, tokenize
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     cfg = {"model_config": model.config.to_dict(), "num_labels": model.num_labels, **info}
-    with open(os.path.join(out_dir, CLASSIFIER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
+    files.write_json(os.path.join(out_dir, CLASSIFIER_CONFIG), cfg)
     tokenizer.save(os.path.join(out_dir, "tokenizer"))
 
 
@@ -364,17 +363,20 @@ def _save_best(engine, model, tokenizer, task: TaskData, cfg: FinetuneConfig, ou
     from trainer.checkpoint import consolidate_fp32, load_state_into, read_model_states
 
     ckpt_dir = os.path.join(out_dir, "checkpoint_tmp")
-    engine.save_checkpoint(ckpt_dir, tag="best")
+    engine.save_checkpoint(ckpt_dir, tag="best", save_latest=False)
     dist.barrier()
     if dist.rank_world()[0] == 0:
         states = read_model_states(os.path.join(ckpt_dir, "best"))
         best = BertForSequenceClassification(model.config, model.num_labels)
         sd, _how = consolidate_fp32(ckpt_dir, "best", states, best)
         load_state_into(best, sd, ckpt_dir)
-        save_classifier(best, os.path.join(out_dir, "best"), tokenizer, meta)
+        # each folder is complete or still the previous epoch's: written aside, renamed over the old one
+        with files.atomic_dir(os.path.join(out_dir, "best"), replace=True) as tmp:
+            save_classifier(best, tmp, tokenizer, meta)
         if cfg.train.export_hf:
-            export_classifier_hf(best, os.path.join(out_dir, "best_hf"), os.path.join(out_dir, "best", "tokenizer"),
-                                 task.label_names, tokenizer.fingerprint)
+            with files.atomic_dir(os.path.join(out_dir, "best_hf"), replace=True) as tmp:
+                export_classifier_hf(best, tmp, os.path.join(out_dir, "best", "tokenizer"), task.label_names,
+                                     tokenizer.fingerprint)
     dist.barrier()
 
 
@@ -405,8 +407,7 @@ def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, cfg: Finetu
 
     writer = MetricsWriter(out_dir, enabled=rank == 0)
     if rank == 0:
-        with open(os.path.join(out_dir, "ds_config.json"), "w", encoding="utf-8") as f:
-            json.dump(ds_config, f, indent=2)
+        files.write_json(os.path.join(out_dir, "ds_config.json"), ds_config)
         print(f"fine-tune {task.name}: {len(train)} train / {len(dev)} dev examples, {len(task.label_names)} "
               f"labels, batch {batch_size} (micro {micro} x accum {accum} x world {world}), lr {peak_lr:g}, "
               f"{t.epochs} epochs = {total_steps} steps, warmup {warmup_steps}", file=sys.stderr)
@@ -553,9 +554,7 @@ def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
                    "runs": [{"lr": r.lr, "dev_accuracy": r.dev_accuracy, "best": r.best_accuracy,
                              "best_epoch": r.best_epoch, "steps": r.steps, "batch_size": r.batch_size,
                              "out": r.out_dir} for r in results]}
-        with open(os.path.join(cfg.train.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        files.write_json(os.path.join(cfg.train.out, "summary.json"), summary)
         print(f"dev accuracy ({task.name}, {len(task.dev.labels)} examples):")
         print(format_results(results))
         print(f"fine-tuned {task.name}: best dev accuracy {best.best_accuracy:.4f} at lr {best.lr:g} epoch "
