@@ -266,6 +266,13 @@ print("finished" if int(m.group(1)) >= max_steps else "unfinished")
 EOF
 }
 
+# check_max_restarts: MAX_RESTARTS [50] must be a non-negative integer before it reaches bash arithmetic
+# (where "abc" would silently be 0 and "08" an octal error); checked at submission and before a requeue.
+check_max_restarts() {
+  [[ ${MAX_RESTARTS:-50} =~ ^[0-9]+$ ]] ||
+    die "MAX_RESTARTS='${MAX_RESTARTS}' must be a non-negative integer (requeues after a stop before train.max_steps; default 50)"
+}
+
 # after_training OUT_DIR STATUS: a failed step fails the job (no requeue loop on a crash); a clean stop
 # before max_steps (the trainer saved on SIGUSR1/SIGTERM) requeues the job, which resumes from latest.
 after_training() {
@@ -284,7 +291,8 @@ after_training() {
     finished) log "finished: $out/checkpoints/$(cat "$out/checkpoints/latest")" ;;
     unfinished)
       local restarts=${SLURM_RESTART_COUNT:-0}
-      ((restarts < ${MAX_RESTARTS:-50})) ||
+      check_max_restarts
+      ((10#$restarts < 10#${MAX_RESTARTS:-50})) ||
         die "stopped early again after $restarts restarts (MAX_RESTARTS=${MAX_RESTARTS:-50}); not requeueing"
       log "stopped at $(cat "$out/checkpoints/latest") before train.max_steps; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
       run scontrol requeue "$SLURM_JOB_ID"

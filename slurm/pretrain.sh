@@ -151,6 +151,7 @@ preview_body() {
 }
 
 submitter() {
+  check_max_restarts
   [[ $GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' must be a number (0 for CPU nodes)"
   [[ $TASKS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "TASKS_PER_NODE='$TASKS_PER_NODE' must be a positive number"
   ((GPUS_PER_NODE == 0 || TASKS_PER_NODE == GPUS_PER_NODE)) ||

@@ -5,9 +5,11 @@ model / task / train) and evaluation (``EvalConfig``: eval). A launcher's flags 
 the same keys (``--epochs 2`` is ``train.epochs=2``).
 
 Precedence: ``key.sub=value`` overrides > the YAML file > the defaults below. Unknown keys are errors that
-name the key (a typo such as ``train.max_step`` must never be silently ignored). Values of overrides are
-parsed as YAML scalars, so ``train.max_steps=10`` is an int, ``train.init_from=null`` is None and
-``data.dynamic_masking=true`` a bool.
+name the key (a typo such as ``train.max_step`` must never be silently ignored), and so are values out of
+range (a negative seed, a non-finite float). Values of overrides are parsed as YAML scalars, so
+``train.max_steps=10`` is an int, ``train.init_from=null`` is None and ``data.dynamic_masking=true`` a bool;
+a value YAML reads as a plain string is kept exactly as typed (``train.output_dir=runs/exp #2`` is that
+path: YAML would cut `` #2`` as a comment), and a ``#`` that would cut any other value is refused.
 
 What is NOT here, on purpose: batch sizes, optimizer, learning rate and precision. Those live only in the
 DeepSpeed JSON (``--deepspeed``; ``ds.a.b=value`` overrides an existing key of it) and are read back from the
@@ -17,6 +19,7 @@ engine, so there is one source per value. The fine-tuning lr sweep is a list of 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,11 +66,13 @@ class TrainConfig:
     eval_batches: Optional[int] = None
     """Cap on validation batches per rank (None = the whole valid split)."""
     eval_examples: int = 3
-    """Validation examples shown as decoded Input / Target / Predicted text in TensorBoard."""
+    """Validation examples shown as decoded Input / Target / Predicted text in TensorBoard (0 = none)."""
     save_every: int = 1000
     keep_checkpoints: int = 3
     resume: str = "auto"
-    """``auto`` = continue from output_dir/checkpoints/latest if present; ``none``; or a checkpoint path."""
+    """``auto`` = continue from output_dir/checkpoints if it holds a checkpoint (a folder with earlier work but
+    no checkpoint is refused); ``none`` = an explicit fresh start: an earlier run in output_dir is moved to
+    output_dir/earlier/<time>/ first (docs/reliability.md); or a checkpoint path."""
     init_from: Optional[str] = None
     """Weights only (no optimizer, step or data state), e.g. phase 1's checkpoints folder for phase 2."""
     log_batch_keys: bool = False
@@ -112,6 +117,12 @@ class RunConfig:
             raise ConfigError("data.train is required: the shard folder written by `python -m data.build`")
         if t.max_steps <= 0:
             raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
+        if not 0 <= t.seed < 2 ** 32:  # an unsigned 32-bit seed: what numpy, torch and the loader all accept
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+        if t.eval_examples < 0:
+            raise ConfigError(f"train.eval_examples must be >= 0, got {t.eval_examples}")
+        if not t.output_dir:
+            raise ConfigError("train.output_dir must not be empty")
         if t.warmup_steps is not None and t.warmup_fraction is not None:
             raise ConfigError("set only one of train.warmup_steps and train.warmup_fraction")
         if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.max_steps:
@@ -257,6 +268,9 @@ class EvalConfig:
         for name in ("micro_batch", "ranks"):
             if getattr(e, name) is not None and getattr(e, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(e, name)}")
+        if e.max_batches is not None and e.max_batches < 0:
+            raise ConfigError(f"eval.max_batches (--max-batches) must be >= 0 (0 = the whole split), "
+                              f"got {e.max_batches}")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -304,6 +318,8 @@ def _build_section(name: str, cls, raw: Any):
             continue
         if not _type_ok(value, tp):
             raise ConfigError(f"config key '{name}.{key}' must be {_type_name(tp)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # .inf overflows timedelta, .nan every check
+            raise ConfigError(f"config key '{name}.{key}' must be a finite number, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool) and _wants_float(tp):
             raw[key] = float(value)
     return cls(**raw)
@@ -356,17 +372,33 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _override_value(item: str, text: str) -> Any:
+    """An override's value: YAML's reading of a number, bool, null or list; a plain string exactly as typed.
+
+    YAML strips a trailing `` #...`` as a comment, so ``train.output_dir=runs/exp #2`` would silently become
+    ``runs/exp``: a value YAML reads as an unquoted string is the typed text instead, and a ``#`` that YAML
+    drops from any other value (``train.max_steps=10 #x``, ``x=#2``) is refused rather than guessed at."""
+    if text == "":
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not a YAML scalar ({e})") from None
+    if isinstance(value, str) and not text.lstrip().startswith(("'", '"')):
+        return _number(text)
+    if "#" in text and "#" not in repr(value):
+        raise ConfigError(f"override {item!r}: YAML reads the '#' as the start of a comment and would cut the "
+                          f"value to {value!r}; quote the value (key='...') or drop the '#'")
+    return _number(value)
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must be key.sub=value (e.g. train.max_steps=10)")
         key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not a YAML scalar ({e})") from None
-        out.append((key.strip(), _number(value)))
+        out.append((key.strip(), _override_value(item, text)))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,9 +104,12 @@ def resolve_batch(ds: dict, path: str, world: int) -> Batch:
 
 def validate(ds: dict, path: str, device: str) -> None:
     opt = ds.get("optimizer")
-    if not isinstance(opt, dict) or not isinstance((opt.get("params") or {}).get("lr"), (int, float)):
+    lr = (opt.get("params") or {}).get("lr") if isinstance(opt, dict) else None
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
         raise ConfigError(f"{path}: needs an 'optimizer' with params.lr (the peak learning rate our linear "
                           f"warmup/decay schedule scales)")
+    if not (math.isfinite(lr) and lr > 0):  # lr 0 trains nothing, a negative one ascends the loss
+        raise ConfigError(f"{path}: optimizer.params.lr must be a finite number > 0, got {lr!r}")
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the LR schedule is BERT's linear warmup + linear decay "
                           f"in trainer/schedule.py (DeepSpeed's WarmupDecayLR warms up logarithmically by default)")

@@ -7,8 +7,9 @@ batches and ranks and divided once (``summarize``). Averaging per-batch means in
 
 ``metrics.jsonl`` holds one JSON object per logged step (``{"step": N, "loss": ..., ...}``) and one per
 validation (``{"step": N, "val/mlm_loss": ..., ...}``), so runs can be compared by machine. After a resume
-from step N, records of steps > N (written before a crash, and about to be redone) are dropped first, and
-TensorBoard's ``purge_step`` does the same for the event files: both then read like one uninterrupted run.
+from step N, records of steps > N (written before a crash, and about to be redone) are moved aside first
+(to a folder of ``earlier/``, never deleted), and TensorBoard's ``purge_step`` hides those steps' events:
+both then read like one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from typing import Optional
 
 import torch
+
+from common import files
 
 # Detached sums and counts of bert.model.PreTrainingLossOutput, in this order everywhere.
 SUM_KEYS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count")
@@ -113,38 +116,46 @@ def _jsonable(v):
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: str, enabled: bool, resume_step: Optional[int] = None):
+    """The sinks of rank 0 (others: every call does nothing). ``resume_step``: the step this start resumes
+    from (None: a fresh start). Lines of ``metrics.jsonl`` after it (the earlier start's, about to be redone;
+    all of them for a fresh start) and lines cut by a kill mid-write are moved to ``aside``/metrics.jsonl
+    (default: a new folder of earlier/, trainer.run_folder.earlier_dir), never deleted: metrics.jsonl then
+    reads as one uninterrupted run. TensorBoard's ``purge_step`` hides the redone steps' events from readers
+    and leaves the event files whole."""
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: Optional[int] = None,
+                 aside: Optional[str] = None):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(output_dir, "tensorboard")
         self._tb = None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run (resume none) in a used folder starts a fresh log
+        if os.path.exists(self.path):
+            if aside is None:
+                from trainer.run_folder import earlier_dir
+
+                aside = earlier_dir(output_dir)
+            self._set_aside_after(-1 if resume_step is None else resume_step, aside)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         self._file = open(self.path, "a", encoding="utf-8")
 
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = []
+    def _set_aside_after(self, step: int, aside: str) -> None:
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+        keep, moved = [], []
         for ln in lines:
             try:
-                if json.loads(ln).get("step", 0) <= step:
-                    keep.append(ln)
-            except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
-                continue
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+                (keep if json.loads(ln).get("step", 0) <= step else moved).append(ln)
+            except (json.JSONDecodeError, AttributeError, TypeError):  # a line cut by a kill -9 mid-write
+                moved.append(ln)
+        if not moved:
+            return
+        os.makedirs(aside, exist_ok=True)
+        files.write_text(os.path.join(aside, "metrics.jsonl"), "".join(moved))  # first: a crash between
+        files.write_text(self.path, "".join(keep))  # the two writes duplicates lines, never loses one
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
         if not self.enabled:

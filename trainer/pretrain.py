@@ -8,18 +8,18 @@ before anything expensive starts: configs, shards against the model, the batch a
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from common.errors import UserError
 from data import shards as shard_io
-from trainer import checkpoint, config as run_config, dist, engine as eng, precision
+from trainer import checkpoint, config as run_config, dist, engine as eng, precision, run_folder
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
 from trainer.guards import StopFlag
+from trainer.lock import RunLock
 
 
 def log(rank: int, msg: str) -> None:
@@ -53,24 +53,24 @@ def check_same_tokenizer(a: dict, a_where: str, b: dict, b_where: str) -> None:
         raise ConfigError(f"tokenizer mismatch: {a_where} has fingerprint {fa}, {b_where} has {fb}")
 
 
+def check_shards_tokenizer(manifest: dict, shard_dir: str) -> None:
+    """The shards' tokenizer/ is the one their manifest names (it is copied into the run folder and decodes
+    the validation examples): a replaced folder is refused naming both fingerprints."""
+    from data.tokenizer import load_tokenizer
+
+    want = (manifest.get("tokenizer") or {}).get("fingerprint")
+    got = load_tokenizer(os.path.join(shard_dir, "tokenizer")).fingerprint
+    if got != want:
+        raise ConfigError(f"data.train={shard_dir}: tokenizer/ has fingerprint {got} but the shards' manifest.json "
+                          f"names {want}: the shards were built with another tokenizer; restore the one they "
+                          f"were built with (or rebuild the shards)")
+
+
 def load_configs(ds_path: str, config_path: str, overrides: list[str]) -> tuple[RunConfig, dict]:
     """The run config (YAML + ``key.sub=value`` overrides) and the raw DeepSpeed JSON (+ ``ds.`` overrides)."""
     cfg = run_config.load(config_path, [o for o in overrides if not o.startswith("ds.")])
     ds_overrides = run_config.parse_overrides([o for o in overrides if o.startswith("ds.")])
     return cfg, eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path, ds_overrides)
-
-
-def _write_run_files(output_dir: str, cfg: RunConfig, ds_cfg: dict, model_cfg, train_dir: str) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(run_config.dump_yaml(cfg))
-    with open(os.path.join(output_dir, "ds_config.json"), "w", encoding="utf-8") as f:
-        json.dump(ds_cfg, f, indent=2)
-    with open(os.path.join(output_dir, "model_config.json"), "w", encoding="utf-8") as f:
-        json.dump(model_cfg.to_dict(), f, indent=2)
-    src = os.path.join(train_dir, "tokenizer")
-    if os.path.isdir(src):
-        shutil.copytree(src, os.path.join(output_dir, "tokenizer"), dirs_exist_ok=True)
 
 
 def _init_weights(model, init_from: Optional[str], fingerprint: str, rank: int) -> None:
@@ -108,6 +108,7 @@ def _read_data(cfg: RunConfig, config_path: str) -> _Data:
     except ValueError as e:
         raise ConfigError(f"{config_path}: model: {e}") from None
     check_shards(train, f"data.train={d.train}", model_cfg, shard_io.FORMAT_VERSION)
+    check_shards_tokenizer(train, d.train)
     if valid_dir != d.train:
         check_shards(valid, f"data.valid={valid_dir}", model_cfg, shard_io.FORMAT_VERSION)
         check_same_tokenizer(train, f"data.train={d.train}", valid, f"data.valid={valid_dir}")
@@ -208,29 +209,77 @@ def _resume(trainer, state: dict, resume, world: int, rank: int) -> None:
                   + (f"; {note}" if note else ""))
 
 
+def _claim(t, meta: dict, resume_from, rank: int) -> Optional[RunLock]:
+    """Rank 0 locks the run folder and checks this start against it (trainer.run_folder.claim) before anything
+    is written; every rank learns the verdict, so no rank goes on to write when rank 0 refused."""
+    lock, failure = None, None
+    if rank == 0:
+        new = run_folder.fixed_settings(meta["model_config"], meta["ds_config"], meta["tokenizer_fingerprint"],
+                                        meta["max_seq_len"], meta["format_version"])
+        try:
+            lock = run_folder.claim(t.output_dir, t.resume, resume_from, new, log=lambda m: log(rank, m))
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            failure = e
+    refused = dist.all_gather_object(None if failure is None else type(failure).__name__)[0]
+    if failure is not None:
+        raise failure
+    if refused is not None:
+        raise ConfigError(f"not started: rank 0 refused the run folder {t.output_dir} ({refused}; its message "
+                          f"names the reason)")
+    return lock
+
+
+def _prepare_folder(cfg: RunConfig, ds: dict, data: _Data, aside: str, fresh: bool) -> None:
+    """Rank 0, once every check has passed: a fresh start first moves an earlier run's files aside (only
+    train.resume=none gets here with earlier work: run_folder.check), then the run files are written."""
+    t = cfg.train
+    if fresh:
+        moved = run_folder.set_aside(t.output_dir, aside)
+        if moved:
+            log(0, f"train.resume={t.resume}: a fresh start; the earlier run's {', '.join(moved)} moved to {aside} "
+                   f"(nothing deleted)")
+    run_folder.write_run_files(t.output_dir, run_config.dump_yaml(cfg), ds, data.model_cfg.to_dict(),
+                               os.path.join(data.train_dir, "tokenizer"))
+
+
 def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
-    """Pretrain as configured; returns the exit status (0 done or stopped on a signal with a checkpoint)."""
+    """Pretrain as configured; returns the exit status (0 done or stopped on a signal with a checkpoint).
+
+    Every check that can refuse the start runs before the run folder is touched: configs, shards, batch
+    arithmetic, then (rank 0, holding the folder's lock) the folder and the checkpoint to resume."""
     stop = StopFlag()
     stop.install()  # from the first moment: a SIGTERM during start-up stops at the first step boundary
     cfg, ds_raw = load_configs(ds_path, config_path, overrides)
     from deepspeed.accelerator import get_accelerator
 
-    from data.health import DataHealth, shard_budget
-    from trainer.metrics import MetricsWriter, flop_counts
-    from trainer.trainer import RunInfo, Trainer
-
-    t, d = cfg.train, cfg.data
+    t = cfg.train
     data = _read_data(cfg, config_path)  # shards, model and batch arithmetic agree before anything expensive
     device_kind = get_accelerator().device_name()  # "cuda", "cpu", ...
     world = int(dist.setup_env()["WORLD_SIZE"])
     resolved = eng.resolve(ds_raw, ds_path, precision.device_facts(device_kind), world)
-    ckpt_dir = os.path.join(t.output_dir, "checkpoints")
-    resume_from = checkpoint.resolve_resume(t.resume, ckpt_dir)
+    resume_from = checkpoint.resolve_resume(t.resume, os.path.join(t.output_dir, "checkpoints"))
     meta = {"run_config": cfg.to_dict(), "model_config": data.model_cfg.to_dict(), "ds_config": resolved.ds,
             "tokenizer_fingerprint": data.fingerprint, "max_seq_len": data.train["settings"]["max_seq_len"],
             "format_version": data.train["format_version"]}
 
     rank, local_rank, world = dist.init(t.collective_timeout)
+    lock = _claim(t, meta, resume_from, rank)
+    try:
+        return _train(cfg, ds_path, data, resolved, resume_from, meta, stop, device_kind, (rank, local_rank, world))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, meta: dict, stop: StopFlag,
+           device_kind: str, place: tuple[int, int, int]) -> int:
+    from data.health import DataHealth, shard_budget
+    from trainer.metrics import MetricsWriter, flop_counts
+    from trainer.trainer import RunInfo, Trainer
+
+    t, d = cfg.train, cfg.data
+    rank, local_rank, world = place
+    ckpt_dir = os.path.join(t.output_dir, "checkpoints")
     log(rank, eng.precision_note(resolved))
     _configure_device(device_kind, local_rank, rank)
     model = _build_model(cfg, data, resume_from is not None, rank)
@@ -242,8 +291,6 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
         ds_engine = {**ds_engine, "checkpoint": {**(ds_engine.get("checkpoint") or {}), "load_universal": True}}
     engine = eng.build_engine(model, ds_engine)
-    if rank == 0:
-        _write_run_files(t.output_dir, cfg, resolved.ds, data.model_cfg, d.train)
     warmup = run_config.warmup_steps(t)
     peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
     log(rank, f"model {cfg.model.get('preset')} ({n_params / 1e6:.1f}M params), "
@@ -254,7 +301,11 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
 
     loader = _build_loader(cfg, data, resolved, rank, world)
     state = checkpointer.load(engine, resume) if resume is not None else None
-    metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None)
+    aside = run_folder.earlier_dir(t.output_dir)
+    if rank == 0:
+        _prepare_folder(cfg, resolved.ds, data, aside, fresh=state is None)
+    metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None,
+                            aside=aside)
     validate = _build_validator(cfg, data, engine, metrics, resolved.batch.micro, rank, world)
     info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
                    peak_lr=peak_lr, warmup=warmup, peak_tflops=_peak_tflops(t, engine, resolved, rank), flops=flops,
