@@ -80,6 +80,13 @@ def sigrow_log(procs, launcher) -> str:
     return out + err
 
 
+def sigrow_tracebacks(log: str) -> list[str]:
+    """Tracebacks in the run's output, less the one DeepSpeed's own runner (the `deepspeed` command, not a
+    rank) prints when a Ctrl-C interrupts its wait for the launcher."""
+    found = log.split("Traceback (most recent call last):")[1:]
+    return [tb for tb in found if not ("deepspeed/launcher/runner.py" in tb and "\nKeyboardInterrupt" in tb)]
+
+
 def sigrow_until(cond, procs, launcher, what: str) -> None:
     deadline = time.monotonic() + SIGROW_BOUND_S
     while not cond():
@@ -171,12 +178,13 @@ def test_a_stop_in_any_phase_saves_one_step_on_every_rank_and_resumes_exactly(ho
     log = sigrow_log(procs, launcher)
     codes = {p.name: p.read_text() for p in status.iterdir()}
     assert codes == {"rank0.exit": "0", "rank1.exit": "0"}, log[-5000:]
-    assert "Traceback" not in log and "collective failed" not in log, log[-5000:]
+    assert sigrow_tracebacks(log) == [] and "collective failed" not in log, log[-5000:]
     trained = max(sigrow_records(out), default=0)
     tag = f"step_{trained:07d}"
     assert (out / "checkpoints" / "latest").read_text().strip() == tag, log[-3000:]
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(os.listdir(out / "checkpoints" / tag))
-    assert f"during {phase}" in log or phase == "step", log[-3000:]  # it landed in the phase the row names
+    landed = {"start-up": "start-up", "step": "", "validation": "validation", "save": "checkpoint save"}[phase]
+    assert f"during {landed}" in log, log[-3000:]  # it landed in the phase the row names
     if phase == "validation":
         assert f"step {trained}: validation cut short by the stop" in log, log[-3000:]
 
