@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch.main(main))
+    sys.exit(launch.main(main, stop_signals=True))

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,16 +47,20 @@ def test_drill_one_signal_at_each_moment_stops_with_a_checkpoint_and_resumes_exa
     assert all(r["exit"] == [0, 0] and r["checkpoint"] for r in res["results"])
 
 
-def test_second_sigterm_ends_the_process_at_once(tmp_path, procs):
+def test_second_sigterm_ends_the_process_at_once_unless_the_parent_forwards_it(tmp_path, procs):
+    """The first SIGTERM asks for a stop; one from the parent (a launcher forwarding it) is the same stop; a
+    second from anyone else (here `kill`, a child of the test) ends the process at once, by that signal."""
     script = tmp_path / "stop.py"
     script.write_text("import time\nfrom trainer.guards import StopFlag\ns = StopFlag()\ns.install()\nprint('ready', "
                       "flush=True)\nwhile True:\n    time.sleep(0.05)\n    print(s.requested, flush=True)\n")
     p = procs.start([sys.executable, script], tmp_path / "stop", env=base_env())
     wait_for(lambda: "ready" in procs.output(p)[0], "the handler", [p], timeout=60)
-    p.send_signal(signal.SIGTERM)
+    subprocess.run(["kill", "-TERM", str(p.pid)], check=True)
     wait_for(lambda: "True" in procs.output(p)[0], "the stop flag", [p], timeout=30)
-    assert p.poll() is None  # the first one only asks for a stop at the next step
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGTERM)  # from the parent: the same stop
+    wait_for(lambda: "part of the stop already under way" in procs.output(p)[1], "the forwarded one", [p], timeout=30)
+    assert p.poll() is None  # neither ends it: the stop is taken at the next step
+    subprocess.run(["kill", "-TERM", str(p.pid)], check=True)
     assert procs.wait([p], 30) == [-signal.SIGTERM]  # the second one ends it, by that signal
 
 

@@ -27,10 +27,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype: Optional[torch.dtype] = None,
-                     max_batches: Optional[int] = None) -> list[float]:
+                     max_batches: Optional[int] = None,
+                     stop: Optional[Callable[[], bool]] = None) -> Optional[list[float]]:
     """This process's SUM_KEYS totals over one pass of ``loader`` (eval mode). Padding batches (``is_padding``,
     eval loaders give every rank the same number of batches) are run — ZeRO-3 needs every rank in every
-    forward — but not counted. ``max_batches`` must be the same on every rank."""
+    forward — but not counted. ``max_batches`` must be the same on every rank. ``stop`` is asked before every
+    batch (on every rank: it may be a collective); when it says yes the pass ends there and None is returned."""
     device = model_device(model_or_engine)
     was_training = model_or_engine.training
     model_or_engine.eval()
@@ -41,6 +43,8 @@ def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            if stop is not None and stop():
+                return None
             with autocast:
                 out = model_or_engine(**to_device(batch, device))
             if not batch.get("is_padding", False):
@@ -50,11 +54,12 @@ def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype:
     return sums.tolist()
 
 
-def evaluate_pretraining(model_or_engine, loader: Iterable[dict], **kwargs) -> dict:
+def evaluate_pretraining(model_or_engine, loader: Iterable[dict], **kwargs) -> Optional[dict]:
     """Metrics over every rank's share of a split: the per-rank sums are all-reduced, then divided once.
-    Returns ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``."""
+    Returns ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``; None when ``stop``
+    (pretraining_sums) cut the pass short."""
     sums = pretraining_sums(model_or_engine, loader, **kwargs)
-    return summarize(dist.all_reduce_sum(sums, model_device(model_or_engine)))
+    return None if sums is None else summarize(dist.all_reduce_sum(sums, model_device(model_or_engine)))
 
 
 class Validator:
@@ -72,8 +77,12 @@ class Validator:
         self.fixed_batch = next(iter(make_loader()), None)
         self.best: dict = {}
 
-    def __call__(self, step: int) -> None:
-        res = evaluate_pretraining(self.engine, self.make_loader(), max_batches=self.max_batches)
+    def __call__(self, step: int, stop: Optional[Callable[[], bool]] = None) -> bool:
+        """Validate and log at ``step``; False (nothing logged) when ``stop`` cut the pass short."""
+        res = evaluate_pretraining(self.engine, self.make_loader(), max_batches=self.max_batches, stop=stop)
+        if res is None:
+            self.log(f"step {step}: validation cut short by the stop (not logged)")
+            return False
         rec = {f"val/{k}": v for k, v in res.items()}
         self.metrics.scalars(step, rec)
         self.metrics.record({"step": step, **rec})
@@ -83,6 +92,7 @@ class Validator:
                  f"mlm_acc {res['mlm_acc']:.4f}, nsp_acc {res['nsp_acc']:.4f} on {res['samples']} sequences")
         if self.fixed_batch is not None:
             self._text_panel(step)
+        return True
 
     def _text_panel(self, step: int) -> None:
         predictions = predict_batch(self.engine, self.fixed_batch)  # every rank: ZeRO-3 needs all in the forward

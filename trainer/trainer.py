@@ -10,12 +10,18 @@ all_reduce) on whether some rank's data failed, a stop was requested or the last
 then does any rank enter the step's collectives. So a rank whose data broke never leaves the others waiting:
 all of them stop at the same step, save the last good state and say why. Every collective is bounded
 (trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase.
+
+A stop signal (trainer.guards.StopFlag) ends the run at the first agreement after it, in whatever phase it
+lands: start-up (the loop's first agreement), a step (the next one), validation (the ranks agree before every
+validation batch, so the pass ends after the batch in flight and is not logged), a checkpoint save (the save
+finishes, then one agreement: no further step). Every rank saves that same step and exits 0.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -28,7 +34,7 @@ from data.health import DataHealth
 from trainer import checkpoint, dist
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
-from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree
+from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
 from trainer.metrics import SUM_KEYS, MetricsWriter, step_flops
 from trainer.schedule import lr_at, set_lr
 
@@ -68,13 +74,14 @@ class Window:
 class Trainer:
     def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
                  checkpointer: checkpoint.Checkpointer, health: DataHealth,
-                 validate: Optional[Callable[[int], None]] = None, stop: Optional[StopFlag] = None,
+                 validate: Optional[Callable[..., bool]] = None, stop: Optional[StopFlag] = None,
                  log: Callable[[str], None] = print):
         self.engine, self.loader, self.cfg, self.info, self.health = engine, loader, cfg, info, health
         self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
         self.step = self.samples_seen = self.tokens_seen = 0
-        self.phase = "start"
+        self.phase = "start-up"
         self.stop = stop or StopFlag()
+        self.stop.where = lambda: f"{self.phase} at step {self.step}"  # read by the signal reader thread
         self.guard = NonFiniteGuard(info.precision, cfg.max_nonfinite, info.min_loss_scale)
         self._data_state = loader.state_dict()  # position at the last step boundary (what a checkpoint holds)
         self._stream = None
@@ -137,7 +144,7 @@ class Trainer:
         batches, error = self._fetch()
         verdict = self._agree(None, error)
         if not verdict.halt and self.step == 0 and t.eval_every > 0:
-            self._validate()  # the starting point, so the curve shows where accuracy began
+            verdict.stop = not self._validate()  # the starting point, so the curve shows where accuracy began
         win, train_time = Window(), 0.0
         from tqdm import tqdm
 
@@ -158,19 +165,21 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     train_time += self._log(win, lr, bar)
                     win = Window()
-                if t.eval_every > 0 and self.step % t.eval_every == 0:
+                if t.eval_every > 0 and self.step % t.eval_every == 0 and not verdict.halt:
                     train_time += self._fold(win)
-                    self._validate()
+                    verdict.stop = not self._validate()
                     win.t0 = time.perf_counter()  # throughput excludes validation and checkpoint time
                 if self.step % t.save_every == 0 or verdict.halt:
                     train_time += self._fold(win)
                     self._save()
+                    if not verdict.halt:  # a stop during the save: this checkpoint is the one, no further step
+                        verdict.stop = agree_stop(self.stop.requested, self.engine.device)
                     win.t0 = time.perf_counter()
         if not verdict.fatal:  # the end, or a stop before the first step: a checkpoint of where it is
             if not verdict.halt:
                 train_time += self._fold(win)
                 if self._last_eval != self.step:
-                    self._validate()
+                    verdict.stop = not self._validate()
             if checkpoint.tag_for(self.step) != os.path.basename(self.checkpointer.last_saved or ""):
                 self._save()
         return self._finish(verdict, self.step - start, time.perf_counter() - t_start, train_time)
@@ -276,11 +285,13 @@ class Trainer:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
         return elapsed
 
-    def _validate(self) -> None:
+    def _validate(self) -> bool:
+        """One validation pass; False when the ranks agreed on a stop before one of its batches (cut short)."""
         self.phase = "validation"
         self._last_eval = self.step
-        if self.validate_fn is not None:
-            self.validate_fn(self.step)
+        if self.validate_fn is None:
+            return True
+        return self.validate_fn(self.step, stop=lambda: agree_stop(self.stop.requested, self.engine.device))
 
     def _save(self) -> None:
         self.phase = "checkpoint save"
@@ -304,8 +315,9 @@ class Trainer:
                       + "\n  ".join(verdict.data_errors) + f"\nSaved the last good state: {last}; fix the data, "
                       f"then run the same command to resume.", file=sys.stderr, flush=True)
         elif verdict.stop:
-            self.log(f"stop requested (signal {self.stop.signum or 'on another rank'}): saved {last} at step "
-                     f"{self.step}; run the same command to resume")
+            how = (f"{signal.Signals(self.stop.signum).name} from {self.stop.sender} during {self.stop.landed}"
+                   if self.stop.requested else "on another rank")
+            self.log(f"stop requested ({how}): saved {last} at step {self.step}; run the same command to resume")
         self.metrics.close()
         self.log(f"done: {steps} steps ({self.step}/{self.cfg.max_steps}) in {wall:.0f}s, "
                  f"{steps * self.info.global_batch / max(train_time, 1e-9):.1f} samples/s; checkpoint {last}; "
