@@ -66,6 +66,9 @@ def _init_worker(tokenizer_json: str, params: Params, valid_fraction: float, cor
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Pool.terminate() ends workers with SIGTERM: a parent that holds its stop signals (a training
+        # launcher's mask is inherited through fork) must not leave them unkillable.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     from tokenizers import Tokenizer
 
     tok = BertTokenizer.from_tokenizer(Tokenizer.from_str(tokenizer_json))

@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(autouse=True)
+def _signal_mask_restored():
+    """A test that runs a Trainer in this process holds the stop signals (trainer.guards): give the mask back,
+    so that processes later tests start (which inherit it through fork and exec) can be stopped."""
+    import signal
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 @pytest.fixture
 def procs():
     """Start processes in their own process groups; all are killed when the test ends (helpers.Procs)."""
