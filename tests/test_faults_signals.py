@@ -131,9 +131,9 @@ def sigrow_reach(phase: str, procs, launcher, out: Path) -> None:
     elif phase == "validation":
         sigrow_until(lambda: t["eval_every"] in sigrow_records(out) and sigrow_in_validation(launcher), procs,
                      launcher, "validation")
-    elif phase == "save":  # DeepSpeed makes the tag's folder first, `latest` names it last
-        tag = out / "checkpoints" / f"step_{t['save_every']:07d}"
-        sigrow_until(tag.exists, procs, launcher, "a checkpoint save")
+    elif phase == "save":  # every rank writes into a hidden folder, renamed to the tag once all are on disk
+        tmp = f".step_{t['save_every']:07d}.*"
+        sigrow_until(lambda: any((out / "checkpoints").glob(tmp)), procs, launcher, "a checkpoint save")
 
 
 def sigrow_deliver(how: str, launcher) -> None:

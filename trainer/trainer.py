@@ -165,9 +165,11 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     train_time += self._log(win, lr, bar)
                     win = Window()
-                if t.eval_every > 0 and self.step % t.eval_every == 0 and not verdict.halt:
+                if t.eval_every > 0 and self.step % t.eval_every == 0:
                     train_time += self._fold(win)
-                    verdict.stop = not self._validate()
+                    # a stop agreed before this pass leaves it whole (the record a resume would not redo);
+                    # a stop arriving during it cuts it short
+                    verdict.stop = not self._validate(stoppable=not verdict.halt) or verdict.stop
                     win.t0 = time.perf_counter()  # throughput excludes validation and checkpoint time
                 if self.step % t.save_every == 0 or verdict.halt:
                     train_time += self._fold(win)
@@ -285,13 +287,14 @@ class Trainer:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
         return elapsed
 
-    def _validate(self) -> bool:
+    def _validate(self, stoppable: bool = True) -> bool:
         """One validation pass; False when the ranks agreed on a stop before one of its batches (cut short)."""
         self.phase = "validation"
         self._last_eval = self.step
         if self.validate_fn is None:
             return True
-        return self.validate_fn(self.step, stop=lambda: agree_stop(self.stop.requested, self.engine.device))
+        stop = (lambda: agree_stop(self.stop.requested, self.engine.device)) if stoppable else None
+        return self.validate_fn(self.step, stop=stop)
 
     def _save(self) -> None:
         self.phase = "checkpoint save"
