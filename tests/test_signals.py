@@ -34,16 +34,17 @@ def logged_steps(out):
     return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if '"loss"' in ln] if path.exists() else []
 
 
-def test_drill_one_signal_at_each_moment_stops_with_a_checkpoint_and_resumes_exactly(train_shards, tmp_path, procs):
-    """scripts/signal_drill.py: SIGTERM/SIGUSR1 to one rank, to its process group, during validation, during a
-    checkpoint save, during the first step; each run exits 0 with a checkpoint and resumes exactly."""
+def test_drill_one_signal_to_one_rank_stops_with_a_checkpoint_and_resumes_exactly(train_shards, tmp_path, procs):
+    """scripts/signal_drill.py, one run: a stop signal to a single rank (the others hear of it only through the
+    per-step agreement) exits 0 with a checkpoint and resumes exactly. The other moments (the process group,
+    validation, a save, start-up) are rows of tests/test_faults_signals.py; the full drill is run by hand."""
     report = tmp_path / "drill.json"
     p = procs.run([sys.executable, REPO / "scripts" / "signal_drill.py", "--shards", train_shards, "--out",
-                   tmp_path / "drill", "--runs", "5", "--seed", "1", "--port", free_port(), "--json", report],
+                   tmp_path / "drill", "--runs", "1", "--seed", "1", "--port", free_port(), "--json", report],
                   tmp_path / "drill", env=base_env(), timeout=1200, expect=None)
     res = json.loads(report.read_text())
     assert p.returncode == 0 and res["failed"] == 0 and res["hangs"] == 0, p.stdout[-4000:]
-    assert [r["moment"] for r in res["results"]] == ["rank", "group", "validation", "save", "first_step"]
+    assert [r["moment"] for r in res["results"]] == ["rank"]
     assert all(r["exit"] == [0, 0] and r["checkpoint"] for r in res["results"])
 
 
