@@ -5,7 +5,7 @@ The GPU machine has Python 3.12 with torch, transformers, tokenizers, ... but no
 distribution the GPU check imports must travel as a cp312/py3 manylinux x86_64 wheel in .whl/, once.
 
 What is required: the third-party imports found by an ast scan of bert/ data/ trainer/ launcher/
-tests/ bench/ scripts/*.py (module-level and lazy ones; pytest imports every test module even for
+tests/ benchmarks/ common/ scripts/*.py (module-level and lazy ones; pytest imports every test module even for
 `-m gpu`), the dependencies in pyproject.toml, and, transitively, the Requires-Dist of each carried
 wheel (of the local install where no wheel is there yet). A device package ends the walk: its own needs
 are the image's business. NOT_CARRIED names what is deliberately left behind, and why.
@@ -13,7 +13,7 @@ are the image's business. NOT_CARRIED names what is deliberately left behind, an
   python scripts/gpu_wheels_check.py            full check of .whl/; exit 1 on any problem
   python scripts/gpu_wheels_check.py --dry-run  scan + plan only, no wheel folder needed (CI)
   python scripts/gpu_wheels_check.py --pins     print NAME==VERSION still to fetch (gpu_wheels.sh)
-  python scripts/gpu_wheels_check.py --write-device-list   refresh gpu_device_packages.txt from KINDS.md
+  python scripts/gpu_wheels_check.py --write-device-list KINDS.md   refresh gpu_device_packages.txt from it
 
 Run it with the project's venv python: module->distribution mapping and pins come from that install.
 """
@@ -37,9 +37,8 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-SCAN_DIRS = ["bert", "data", "trainer", "launcher", "tests", "bench"]  # recursive; plus scripts/*.py
+SCAN_DIRS = ["common", "bert", "data", "trainer", "launcher", "benchmarks", "tests"]  # recursive; plus scripts/*.py
 DEVICE_LIST = ROOT / "scripts" / "gpu_device_packages.txt"
-KINDS_MD = Path("/work/.library/device/KINDS.md")  # this workplace only; the committed copy serves elsewhere
 MAX_MIB = 60
 
 # Deliberately not carried: these may only be imported lazily (inside functions), never at module level.
@@ -164,7 +163,7 @@ def read_device_list(path: Path) -> dict[str, str | None]:
 
 def format_device_list(device: dict[str, str | None]) -> str:
     head = ("# Python distributions on the lent GPU machine (nvidia-h200, /opt/torch/.venv, Python 3.12), copied\n"
-            "# from the workplace's device KINDS.md by `python scripts/gpu_wheels_check.py --write-device-list`.\n"
+            "# from the workplace's device KINDS.md by `python scripts/gpu_wheels_check.py --write-device-list KINDS.md`.\n"
             "# NAME==VERSION where a session saw the version, else NAME alone.\n")
     return head + "".join(f"{n}=={v}\n" if v else f"{n}\n" for n, v in sorted(device.items()))
 
@@ -318,34 +317,24 @@ def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheel folder (default .whl)")
-    p.add_argument("--device-list", type=Path, default=None,
-                   help=f"device packages (default: {KINDS_MD} if present, else {DEVICE_LIST.name})")
+    p.add_argument("--device-list", type=Path, default=DEVICE_LIST,
+                   help=f"device packages, one NAME[==VERSION] a line (default: {DEVICE_LIST.name})")
     p.add_argument("--allow-shadow", action="append", default=[], metavar="NAME",
                    help="let a wheel replace this device package")
     p.add_argument("--max-mib", type=float, default=MAX_MIB)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="scan and plan only; ignore the wheel folder")
     mode.add_argument("--pins", action="store_true", help="print NAME==VERSION still to fetch, one a line")
-    mode.add_argument("--write-device-list", action="store_true", help=f"write {DEVICE_LIST} from {KINDS_MD}")
+    mode.add_argument("--write-device-list", type=Path, metavar="KINDS_MD",
+                      help=f"write {DEVICE_LIST.name} from the device machine's KINDS.md (its package table)")
     a = p.parse_args(argv)
     say = (lambda *x: print(*x, file=sys.stderr)) if a.pins else print
 
     if a.write_device_list:
-        DEVICE_LIST.write_text(format_device_list(parse_kinds_md(KINDS_MD.read_text())))
+        DEVICE_LIST.write_text(format_device_list(parse_kinds_md(a.write_device_list.read_text())))
         print(f"wrote {DEVICE_LIST}")
         return 0
-    if a.device_list:
-        device, source = read_device_list(a.device_list), a.device_list
-    elif KINDS_MD.is_file():
-        try:
-            device, source = parse_kinds_md(KINDS_MD.read_text()), KINDS_MD
-        except (IndexError, AttributeError):
-            say(f"note: {KINDS_MD} no longer parses; using {DEVICE_LIST.name}")
-            device, source = read_device_list(DEVICE_LIST), DEVICE_LIST
-        if device != read_device_list(DEVICE_LIST):
-            say(f"note: {DEVICE_LIST.name} differs from {KINDS_MD}; refresh it with --write-device-list")
-    else:
-        device, source = read_device_list(DEVICE_LIST), DEVICE_LIST
+    device, source = read_device_list(a.device_list), a.device_list
 
     problems: list[str] = []
     files = scan_files(ROOT)
