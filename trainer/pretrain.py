@@ -221,6 +221,8 @@ def _claim(t, meta: dict, resume_from, rank: int) -> Optional[RunLock]:
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
             failure = e
     refused = dist.all_gather_object(None if failure is None else type(failure).__name__)[0]
+    if refused is not None:  # every rank is here and knows: leave the group together, so none aborts at exit
+        dist.shutdown()
     if failure is not None:
         raise failure
     if refused is not None:
