@@ -37,7 +37,7 @@ def logged_steps(out):
 def test_drill_one_signal_to_one_rank_stops_with_a_checkpoint_and_resumes_exactly(train_shards, tmp_path, procs):
     """scripts/signal_drill.py, one run: a stop signal to a single rank (the others hear of it only through the
     per-step agreement) exits 0 with a checkpoint and resumes exactly. The other moments (the process group,
-    validation, a save, start-up) are rows of tests/test_faults_signals.py; the full drill is run by hand."""
+    validation, a save, start-up) are rows of tests/test_fault_matrix.py (SIGROW_ROWS); the full drill is run by hand."""
     report = tmp_path / "drill.json"
     p = procs.run([sys.executable, REPO / "scripts" / "signal_drill.py", "--shards", train_shards, "--out",
                    tmp_path / "drill", "--runs", "1", "--seed", "1", "--port", free_port(), "--json", report],
