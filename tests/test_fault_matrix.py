@@ -1069,6 +1069,45 @@ def test_second_run_into_a_live_folder_is_refused_at_once_on_every_rank(train_sh
     assert not (out / LOCK_NAME).exists()
 
 
+def frun_complete_tags(ckpts: Path) -> list[str]:
+    """The published tags of ``ckpts`` whose completion marker lists both ranks' ZeRO files and every file it
+    lists is on disk at its size (the checkpoint format's marker, read here independently of the trainer)."""
+    done = []
+    for tag in sorted(ckpts.glob("step_*")):
+        marker = tag / "checkpoint_complete.json"
+        files = json.loads(marker.read_text())["files"] if marker.exists() else {}
+        both = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(files)
+        if both and all((tag / f).is_file() and (tag / f).stat().st_size == n for f, n in files.items()):
+            done.append(tag.name)
+    return done
+
+
+def test_a_rank_killed_during_a_save_leaves_latest_on_a_complete_tag(train_shards, tmp_path, procs):
+    """Two ranks save every 2 steps; rank 1 is killed (SIGKILL: node loss) as soon as a save's hidden folder
+    appears. Rank 0 must end non-zero naming the failed collective (no hang); every published tag is complete,
+    `latest` names the newest of them, the hidden folder never became a tag, and a restart resumes there."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    ds = write_ds(tmp_path, micro=4)
+    cfg = write_run(tmp_path, train_shards, out, data={"num_workers": 0}, max_steps=100000, save_every=2,
+                    keep_checkpoints=100, eval_every=0, collective_timeout=60)
+    ranks = start_ranks(procs, tmp_path, ds, cfg, world=2)
+    frun_wait(lambda: (ckpts / "latest").exists() and any(ckpts.glob(".step_*")), "a save after the first one",
+              ranks)
+    ranks[1].kill()
+    codes = procs.wait(ranks, FRUN_TIMEOUT)
+    out0 = procs.output(ranks[0])
+    assert codes[1] == -9 and codes[0] not in (0, -9), (codes, out0[1][-3000:])
+    assert "[rank 0] error: a collective failed during " in out0[1], out0[1][-3000:]
+    complete = frun_complete_tags(ckpts)
+    assert complete and sorted(t.name for t in ckpts.glob("step_*")) == complete
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest == complete[-1]
+    step = int(latest.removeprefix("step_"))
+    again = start_ranks(procs, tmp_path, ds, cfg, f"train.max_steps={step + 1}", world=2, name="again")
+    assert procs.wait(again, FRUN_TIMEOUT) == [0, 0]
+    assert f"resumed from {ckpts / latest} at step {step}" in procs.output(again[0])[0]
+
+
 def test_shards_tokenizer_replaced_is_refused_naming_both_fingerprints(train_shards, train_shards_other_tok,
                                                                        tmp_path, procs):
     from data.shards import read_manifest
@@ -1114,8 +1153,8 @@ def test_max_restarts_not_a_number_is_refused_before_a_requeue(tmp_path):
 # a tiny module that records the status launcher/pretrain.py exits with.
 # =============================================================================================================
 
-SIGROW_TRAIN = dict(max_steps=8, warmup_steps=2, log_every=1, eval_every=4, eval_batches=None, save_every=3,
-                    keep_checkpoints=5, log_batch_keys=True, collective_timeout=120)
+SIGROW_TRAIN = dict(max_steps=18, warmup_steps=2, log_every=1, eval_every=4, eval_batches=None, save_every=3,
+                    keep_checkpoints=3, log_batch_keys=True, collective_timeout=120)
 SIGROW_COMPARED = ("loss", "mlm_loss", "nsp_loss", "lr", "keys", "samples_seen", "tokens_seen")
 SIGROW_BOUND_S = 300  # a run that takes longer is a hang: the group is killed and the row fails
 SIGROW_PROBE = '''"""A rank of launcher/pretrain.py that writes the status it exits with to $SIGROW_STATUS/rankR.exit."""
@@ -1160,10 +1199,12 @@ def sigrow_group_alive(pgid: int) -> list[psutil.Process]:
 def sigrow_wait_group(procs, launcher) -> None:
     """Until every process of the launcher's group (launchers, ranks, workers, fork servers) is gone."""
     deadline = time.monotonic() + SIGROW_BOUND_S
-    while sigrow_group_alive(launcher.pid):
+    while alive := sigrow_group_alive(launcher.pid):
         if time.monotonic() > deadline:
+            left = [f"{p.pid} {p.name()} {' '.join(p.cmdline())[:160]}" for p in alive if p.is_running()]
             procs.kill_all()
-            pytest.fail(f"the run's process group did not end within {SIGROW_BOUND_S}s:\n{sigrow_log(procs, launcher)}")
+            pytest.fail(f"the run's process group did not end within {SIGROW_BOUND_S}s; still alive:\n"
+                        + "\n".join(left) + f"\n{sigrow_log(procs, launcher)}")
         time.sleep(0.1)
     launcher.wait()
 
@@ -1214,19 +1255,25 @@ def sigrow_in_validation(launcher) -> bool:
         return False
 
 
-def sigrow_reach(phase: str, procs, launcher, out: Path) -> None:
-    """Wait until the run is in ``phase`` (on log lines, files and processes: no sleeps)."""
+def sigrow_next(every: int, after: int) -> int:
+    """The first multiple of ``every`` after step ``after``."""
+    return (after // every + 1) * every
+
+
+def sigrow_reach(phase: str, procs, launcher, out: Path, after: int) -> None:
+    """Wait until the run, resumed at step ``after``, is in ``phase`` (on log lines, files and processes)."""
     t = SIGROW_TRAIN
     if phase == "start-up":  # after the engine is built, before the first step
         sigrow_until(lambda: "[pretrain] model " in sigrow_log(procs, launcher), procs, launcher, "start-up")
-    elif phase == "step":  # step 1 is neither a validation nor a save step
-        sigrow_until(lambda: 1 in sigrow_records(out), procs, launcher, "step 1")
+    elif phase == "step":  # a step of this start; the rows put it where it is neither validation nor save
+        sigrow_until(lambda: max(sigrow_records(out), default=0) > after, procs, launcher, f"a step after {after}")
     elif phase == "validation":
-        sigrow_until(lambda: t["eval_every"] in sigrow_records(out) and sigrow_in_validation(launcher), procs,
-                     launcher, "validation")
+        v = sigrow_next(t["eval_every"], after)
+        sigrow_until(lambda: v in sigrow_records(out) and sigrow_in_validation(launcher), procs, launcher,
+                     f"validation at step {v}")
     elif phase == "save":  # every rank writes into a hidden folder, renamed to the tag once all are on disk
-        tmp = f".step_{t['save_every']:07d}.*"
-        sigrow_until(lambda: any((out / "checkpoints").glob(tmp)), procs, launcher, "a checkpoint save")
+        hidden = f".step_{sigrow_next(t['save_every'], after):07d}.*"
+        sigrow_until(lambda: any((out / "checkpoints").glob(hidden)), procs, launcher, f"a save ({hidden})")
 
 
 def sigrow_deliver(how: str, launcher) -> None:
@@ -1237,6 +1284,12 @@ def sigrow_deliver(how: str, launcher) -> None:
     elif how == "launcher":  # SIGTERM to DeepSpeed's launcher only: the ranks hear it only from the launcher
         launch = [p for p in psutil.Process(launcher.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
         launch[0].send_signal(signal.SIGTERM)
+    elif how == "rank":  # one rank alone (a user's kill PID): the ranks must agree on stopping
+        sigrow_rank(launcher, 1).send_signal(signal.SIGTERM)
+    elif how == "rank-tree":  # one rank's process tree, its data workers included, as Slurm signals a task
+        rank = sigrow_rank(launcher, 1)
+        for p in [rank, *rank.children(recursive=True)]:
+            p.send_signal(signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -1249,43 +1302,86 @@ def sigrow_reference(train_shards, tmp_path_factory, session_procs):
     return sigrow_records(tmp / "run")
 
 
-SIGROW_ROWS = [  # (how the stop is delivered, the phase it lands in)
-    ("ctrl-c", "start-up"),
-    ("ctrl-c", "step"),
-    ("ctrl-c", "validation"),
-    ("ctrl-c", "save"),
-    ("kill-group", "validation"),
-    ("kill-group", "save"),
-    ("launcher", "step"),
+SIGROW_ROWS = [  # (how the stop is delivered, the phase it lands in), in the order the chain delivers them
+    ("ctrl-c", "start-up"),  # acted upon at the first step boundary: tag 1
+    ("ctrl-c", "step"),  # 2 (no validation, no save)
+    ("ctrl-c", "validation"),  # 4
+    ("ctrl-c", "save"),  # 6
+    ("kill-group", "validation"),  # 8
+    ("kill-group", "save"),  # 9
+    ("launcher", "step"),  # 10 or 11
+    ("rank", "step"),  # 12 or 13
+    ("rank-tree", "step"),  # 14 or 15
 ]
+
+
+@dataclass
+class SigrowStop:
+    """What one stopped start left: its ranks' exit statuses, its output, the step it trained to, the tag."""
+    codes: dict
+    log: str
+    trained: int
+    latest: str
+    files: set
+
+
+def sigrow_stop_once(procs, tmp: Path, shards, how: str, phase: str) -> SigrowStop:
+    out = tmp / "run"
+    after = max(sigrow_records(out), default=0)
+    launcher, status = sigrow_launch(procs, tmp, shards, f"{how}-{phase}")
+    sigrow_reach(phase, procs, launcher, out, after)
+    sigrow_deliver(how, launcher)
+    sigrow_wait_group(procs, launcher)
+    trained = max(sigrow_records(out), default=0)
+    tag = out / "checkpoints" / f"step_{trained:07d}"
+    latest = out / "checkpoints" / "latest"
+    return SigrowStop({p.name: p.read_text() for p in status.iterdir()}, sigrow_log(procs, launcher), trained,
+                      latest.read_text().strip() if latest.exists() else "", set(os.listdir(tag)) if tag.is_dir() else set())
+
+
+@pytest.fixture(scope="module")
+def sigrow_chain(train_shards, tmp_path_factory, session_procs) -> dict:
+    """One run folder, stopped once per row in row order, each start resuming the checkpoint of the stop
+    before it (so every stop also tests the resume of the one before), then run to its end by a last start.
+    {row: SigrowStop, or the message of the failure that broke the chain; "end": the last start's records}."""
+    tmp = tmp_path_factory.mktemp("sigrow_chain")
+    chain: dict = {}
+    for how, phase in SIGROW_ROWS:
+        try:
+            chain[how, phase] = sigrow_stop_once(session_procs, tmp, train_shards, how, phase)
+        except (AssertionError, pytest.fail.Exception) as e:
+            chain[how, phase] = f"the chain broke at {how} in {phase}: {e}"
+            return chain
+    launcher, status = sigrow_launch(session_procs, tmp, train_shards, "end")
+    sigrow_wait_group(session_procs, launcher)
+    codes = sorted(p.read_text() for p in status.iterdir())
+    chain["end"] = (codes, sigrow_records(tmp / "run"), sigrow_log(session_procs, launcher))
+    return chain
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("how,phase", SIGROW_ROWS, ids=[f"{h}-{p}" for h, p in SIGROW_ROWS])
-def test_a_stop_in_any_phase_saves_one_step_on_every_rank_and_resumes_exactly(how, phase, train_shards, tmp_path,
-                                                                               procs, sigrow_reference):
-    out = tmp_path / "run"
-    launcher, status = sigrow_launch(procs, tmp_path, train_shards, "stopped")
-    sigrow_reach(phase, procs, launcher, out)
-    sigrow_deliver(how, launcher)
-    sigrow_wait_group(procs, launcher)
-    log = sigrow_log(procs, launcher)
-    codes = {p.name: p.read_text() for p in status.iterdir()}
-    assert codes == {"rank0.exit": "0", "rank1.exit": "0"}, log[-5000:]
+def test_a_stop_in_any_phase_saves_one_step_on_every_rank(how, phase, sigrow_chain, sigrow_reference):
+    stop = sigrow_chain.get((how, phase), "not reached: an earlier row broke the chain")
+    assert isinstance(stop, SigrowStop), stop
+    log = stop.log
+    assert stop.codes == {"rank0.exit": "0", "rank1.exit": "0"}, log[-5000:]
     assert sigrow_tracebacks(log) == [] and "collective failed" not in log, log[-5000:]
-    trained = max(sigrow_records(out), default=0)
-    tag = f"step_{trained:07d}"
-    assert (out / "checkpoints" / "latest").read_text().strip() == tag, log[-3000:]
-    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(os.listdir(out / "checkpoints" / tag))
+    assert stop.latest == f"step_{stop.trained:07d}", log[-3000:]
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= stop.files
     landed = {"start-up": "start-up", "step": "", "validation": "validation", "save": "checkpoint save"}[phase]
     assert f"during {landed}" in log, log[-3000:]  # it landed in the phase the row names
     if phase == "validation":
-        assert f"step {trained}: validation cut short by the stop" in log, log[-3000:]
+        assert f"step {stop.trained}: validation cut short by the stop" in log, log[-3000:]
 
-    launcher, status = sigrow_launch(procs, tmp_path, train_shards, "resumed")
-    sigrow_wait_group(procs, launcher)
-    assert sorted(p.read_text() for p in status.iterdir()) == ["0", "0"], sigrow_log(procs, launcher)[-4000:]
-    got = sigrow_records(out)
+
+@pytest.mark.integration
+def test_resuming_every_stop_reproduces_the_uninterrupted_run(sigrow_chain, sigrow_reference):
+    """The run stopped and resumed once per row trained exactly the uninterrupted run: per-step
+    losses, learning rates and sample keys of every step."""
+    assert "end" in sigrow_chain, [s for s in sigrow_chain.values() if isinstance(s, str)]
+    codes, got, log = sigrow_chain["end"]
+    assert codes == ["0", "0"], log[-4000:]
     assert sorted(got) == sorted(sigrow_reference)
     assert [(s, k) for s in got for k in SIGROW_COMPARED if got[s][k] != sigrow_reference[s][k]] == []
 
@@ -1296,7 +1392,7 @@ def test_a_second_ctrl_c_ends_every_rank_at_once_without_saving(train_shards, tm
     from the terminal again (not the launcher's forwarding), ends every rank at once, by SIGINT."""
     out = tmp_path / "run"
     launcher, status = sigrow_launch(procs, tmp_path, train_shards, "twice")
-    sigrow_reach("start-up", procs, launcher, out)
+    sigrow_reach("start-up", procs, launcher, out, 0)
     os.killpg(launcher.pid, signal.SIGINT)
     sigrow_until(lambda: sigrow_log(procs, launcher).count("every rank saves at the next step boundary") == 2, procs,
                  launcher, "both ranks taking the first Ctrl-C")

@@ -196,36 +196,6 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path, pro
     assert_same_as_reference(out, reference_run["out"])
 
 
-@pytest.mark.parametrize("target", [
-    "rank_process",
-    # Slurm and the deepspeed launcher signal a rank's whole process tree, DataLoader workers included:
-    # the workers obey only their own rank (data/loader.py) so the rank can finish the step and save.
-    "process_group",
-])
-def test_sigterm_on_one_rank_saves_everywhere_then_resume_is_exact(reference_run, train_shards, tmp_path, target,
-                                                                    procs):
-    ds = reference_run["ds"]
-    out = tmp_path / "run"
-    cfg = write_run(tmp_path, train_shards, out, **RESUME_TRAIN)
-    ranks = spawn_srun_like(procs, tmp_path, ds, cfg, log_name="first")
-    wait_for_checkpoint(out, ranks, "step_0000003")
-    # Only rank 1: the ranks must agree on stopping.
-    if target == "rank_process":
-        ranks[1].send_signal(signal.SIGTERM)
-    else:
-        os.killpg(ranks[1].pid, signal.SIGTERM)
-    codes, logs = wait_all(procs, ranks)
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "stop requested" in logs[0]
-    stopped = checkpoint.read_client_state(str(out / "checkpoints"), None)["step"]
-    assert 3 <= stopped < RESUME_TRAIN["max_steps"]
-    assert max(train_records(out)) == stopped
-    codes, logs = wait_all(procs, spawn_srun_like(procs, tmp_path, ds, cfg, log_name="second"))
-    assert codes == [0, 0], logs[0][-4000:]
-    assert f"resumed from {out / 'checkpoints' / checkpoint.tag_for(stopped)}" in logs[0]
-    assert_same_as_reference(out, reference_run["out"])
-
-
 def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path, procs):
     ds = write_ds(tmp_path, micro=4)
     out = tmp_path / "run"
