@@ -41,6 +41,9 @@ def check_shards(manifest: dict, where: str, model_cfg, expected_format: int) ->
     if tok.get("vocab_size") != model_cfg.vocab_size:
         raise ConfigError(f"{where}: shards' tokenizer has vocab_size {tok.get('vocab_size')} (fingerprint "
                           f"{tok.get('fingerprint')}) but the model has vocab_size {model_cfg.vocab_size}")
+    if model_cfg.type_vocab_size < 2:  # samples have segments 0 and 1 (data.shards.check_sample)
+        raise ConfigError(f"{where}: samples have token types 0 and 1 but the model's type_vocab_size is "
+                          f"{model_cfg.type_vocab_size}")
     seq = (manifest.get("settings") or {}).get("max_seq_len")
     if not isinstance(seq, int) or seq > model_cfg.max_position_embeddings:
         raise ConfigError(f"{where}: shards' max_seq_len is {seq} but the model's max_position_embeddings is "
