@@ -8,11 +8,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from data.loader import model_inputs
 from trainer import dist
 from trainer.metrics import SUM_KEYS, summarize
-
-_NON_TENSOR = ("keys", "is_padding")
-
 
 def model_device(model_or_engine) -> torch.device:
     device = getattr(model_or_engine, "device", None)
@@ -22,7 +20,8 @@ def model_device(model_or_engine) -> torch.device:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in _NON_TENSOR}
+    """The model inputs of a loader's batch (data.loader.model_inputs), on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
 
 
 @torch.no_grad()
