@@ -150,16 +150,11 @@ class Verdict:
 
 
 def agree(stop: bool, fatal: Optional[str], data_error: Optional[str], device, extra=()) -> Verdict:
-    """One all_reduce of three flags and the ``extra`` numbers (summed); the messages travel
-    (all_gather_object) only when something failed."""
-    import torch
-    import torch.distributed as tdist
-
-    flags = torch.tensor([float(stop), float(fatal is not None), float(data_error is not None), *map(float, extra)],
-                         dtype=torch.float64, device=device)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(flags)
-    v = Verdict(stop=bool(flags[0] > 0), sums=flags[3:].tolist())
+    """One all_reduce of three flags and the ``extra`` numbers (summed; host numbers or 0-dim device tensors,
+    which this one read brings to the host); the messages travel (all_gather_object) only when something failed."""
+    flags = dist.all_reduce_sum([float(stop), float(fatal is not None), float(data_error is not None)], device,
+                                extra=extra)
+    v = Verdict(stop=flags[0] > 0, sums=flags[3:])
     if flags[1] > 0 or flags[2] > 0:
         notes = dist.all_gather_object((fatal, data_error))
         fatals = [f for f, _ in notes if f]
