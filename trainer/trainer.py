@@ -11,6 +11,11 @@ then does any rank enter the step's collectives. So a rank whose data broke neve
 all of them stop at the same step, save the last good state and say why. Every collective is bounded
 (trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase.
 
+Host syncs (each a pipeline drain on a GPU): a step that does not log reads the device once, the agreement
+(which carries the step's non-finite loss count); the loss and metric sums stay on the device, as named sums of a
+``Window``, until a log step reduces them over ranks as one tensor. What a log line reports beyond the loss comes
+from callbacks (trainer.callbacks: on_step_end / on_log / on_eval).
+
 A stop signal (trainer.guards.StopFlag) ends the run at the first agreement after it, in whatever phase it
 lands: start-up (the loop's first agreement), a step (the next one), validation (the ranks agree before every
 validation batch, so the pass ends after the batch in flight and is not logged), a checkpoint save (the save
@@ -219,7 +224,7 @@ class Trainer:
         it to the host), None before the first step."""
         report = self.loader.health_report()
         known = (len(report["opened"]), len(report["damaged"]), sum(report["corrupt"].values()))
-        verdict = agree(self.stop.requested, None, data_error, self.engine.device,
+        verdict = agree(self.stop.requested, data_error, self.engine.device,
                         extra=(float(known != self._reported), 0.0 if nonfinite is None else nonfinite))
         if verdict.sums[0] > 0:
             self.health.add_reports(dist.all_gather_object(report))
