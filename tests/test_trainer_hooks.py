@@ -108,7 +108,8 @@ SYNC_POINTS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "num
 
 class SyncCounter:
     """Counts host reads of tensor values made from the project's code (each is a pipeline drain on a GPU), by
-    the Trainer method they happen in: wraps torch.Tensor's sync points and its methods of the loop."""
+    the Trainer method they happen in: wraps torch.Tensor's sync points and its methods of the loop. Not counted:
+    the size of a data-dependent result (``nonzero`` in the unpadding of a padded batch), a wait on a GPU too."""
 
     def __init__(self, monkeypatch, trainer):
         self.calls, self.where = [], []
