@@ -14,8 +14,8 @@ all of them stop at the same step, save the last good state and say why. Every c
 Host syncs (each a pipeline drain on a GPU): a step that does not log reads the device once, the agreement
 (which carries the step's non-finite loss count); the loss and metric sums stay on the device, as named sums of a
 ``Window``, until a log step reduces them over ranks as one tensor. (Not a read of a value, but a wait all the
-same on a GPU: the unpadding of a padded batch sizes its gather index with ``nonzero``, bert/padding.py.) What a log line reports beyond the loss comes
-from callbacks (trainer.callbacks: on_step_end / on_log / on_eval).
+same on a GPU: the unpadding of a padded batch sizes its gather index with ``nonzero``, bert/padding.py.) What a
+log line reports beyond the loss comes from callbacks (trainer.callbacks: on_step_end / on_log / on_eval).
 
 A stop signal (trainer.guards.StopFlag) ends the run at the first agreement after it, in whatever phase it
 lands: start-up (the loop's first agreement), a step (the next one), validation (the ranks agree before every
