@@ -29,6 +29,9 @@ from trainer.engine import loss_scale
 
 
 class GradNoiseScale(Callback):
+    """``grad_noise_scale`` and its two estimates in each log line whose step was armed (the module docstring
+    says how); ``beta``: the moving averages' weight of the past."""
+
     def __init__(self, beta: float = 0.9):
         self.beta = beta  # weight of the past in the moving averages
         self._hooks: list = []
