@@ -185,6 +185,7 @@ class BertPreTrainedModel(nn.Module):
     """Shared initialisation: BERT's truncated-normal is approximated by normal(0, 0.02) as in HF."""
 
     config: BertConfig
+    check_values: bool = False  # read input values back to check their range (a host sync each forward)
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
@@ -202,7 +203,8 @@ class BertPreTrainedModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def check_inputs(self, input_ids, token_type_ids, attention_mask):
-        """Turn index errors from deep inside into a ValueError that says which input is wrong."""
+        """Turn shape errors from deep inside into a ValueError that says which input is wrong. Shapes are
+        host facts, free to check; the values only with ``check_values`` (``check_range``)."""
         c = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -212,23 +214,27 @@ class BertPreTrainedModel(nn.Module):
         for name, t in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if input_ids.numel():
-            # One host sync for both checks; cheap next to the forward pass.
-            lo, hi = torch.aminmax(input_ids)
-            if lo.item() < 0 or hi.item() >= c.vocab_size:
-                raise ValueError(f"input_ids must be in [0, {c.vocab_size}) (vocab_size), "
-                                 f"got values in [{lo.item()}, {hi.item()}]")
+        if self.check_values:
+            check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
             if token_type_ids is not None:
-                lo, hi = torch.aminmax(token_type_ids)
-                if lo.item() < 0 or hi.item() >= c.type_vocab_size:
-                    raise ValueError(f"token_type_ids must be in [0, {c.type_vocab_size}) (type_vocab_size), "
-                                     f"got values in [{lo.item()}, {hi.item()}]")
+                check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+
+
+def check_range(name: str, t: torch.Tensor, end: int, what: str) -> None:
+    """ValueError unless every value of ``t`` is in [0, end). Reading the range back is a host sync (a pipeline
+    drain on a GPU), so the model runs it only when built with ``check_values=True`` (a debugging aid): the
+    training data is checked where it is made (data.shards.check_sample, per sample, on the host)."""
+    if not t.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= end:
+        raise ValueError(f"{name} must be in [0, {end}) ({what}), got values in [{lo}, {hi}]")
 
 
 class BertModel(BertPreTrainedModel):
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True, check_values: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.check_values = config, check_values
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
@@ -237,7 +243,8 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, unpad: bool = False) -> BertModelOutput:
         """unpad=True runs the encoder's per-token work (all its matmuls but attention's two) on the real
         tokens only (bert/padding.py) and returns 0 at padded positions; real positions and the pooler are
-        unchanged."""
+        unchanged. A batch without padding is given without ``attention_mask`` (the loader knows, on the host):
+        asking the device whether the mask is all ones would be a host sync every forward."""
         self.check_inputs(input_ids, token_type_ids, attention_mask)
         B, S = input_ids.shape
         if token_type_ids is None:
@@ -247,7 +254,7 @@ class BertModel(BertPreTrainedModel):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys a query may attend to
         x = self.embeddings(input_ids, token_type_ids)  # (B, S, H)
         packing = None
-        if unpad and attention_mask is not None and not bool(attn_mask.all()):
+        if unpad and attention_mask is not None:
             x, packing = padding.unpad(x, attention_mask)  # (T, H)
         x = self.encoder(x, attn_mask, packing)  # (B, S, H) or (T, H)
         if packing is not None:
@@ -293,10 +300,12 @@ class BertPreTrainingHeads(nn.Module):
 
 
 class BertForPreTraining(BertPreTrainedModel):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, check_values: bool = False):
+        """check_values: check the range of token ids, token types and masked positions every forward (a host
+        sync each: for debugging inputs that did not come through data.shards' checks)."""
         super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
+        self.config, self.check_values = config, check_values
+        self.bert = BertModel(config, check_values=check_values)
         self.cls = BertPreTrainingHeads(config)
         self.apply(self._init_weights)
         nn.init.zeros_(self.cls.predictions.bias)
@@ -328,11 +337,8 @@ class BertForPreTraining(BertPreTrainedModel):
         if positions.shape != ids.shape:
             raise ValueError(f"masked_lm_positions shape {tuple(positions.shape)} != masked_lm_ids shape "
                              f"{tuple(ids.shape)}")
-        if positions.numel():
-            lo, hi = torch.aminmax(positions)
-            if lo.item() < 0 or hi.item() >= S:
-                raise ValueError(f"masked_lm_positions must be in [0, {S}) (the batch's sequence length), "
-                                 f"got values in [{lo.item()}, {hi.item()}]")
+        if self.check_values:
+            check_range("masked_lm_positions", positions, S, "the batch's sequence length")
         if weights is None:  # no pad marker given: every slot is a real prediction
             weights = torch.ones_like(ids, dtype=torch.float32)
         # Sparse prediction: project to the vocabulary only at the P labelled positions (about 15% of S),
@@ -366,11 +372,11 @@ class BertForPreTraining(BertPreTrainedModel):
 class BertForSequenceClassification(BertPreTrainedModel):
     """[CLS] pooled output -> dropout -> linear, as in the paper's GLUE fine-tuning (HF names)."""
 
-    def __init__(self, config: BertConfig, num_labels: int):
+    def __init__(self, config: BertConfig, num_labels: int, check_values: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.check_values = config, check_values
         self.num_labels = num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, check_values=check_values)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.apply(self._init_weights)

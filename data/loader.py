@@ -65,7 +65,8 @@ from data.shards import (ShardScan, iter_samples, read_manifest, read_sample, sa
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# Tensors a model forward takes; everything else in a batch (keys, is_padding) is bookkeeping.
+# Tensors a model forward takes; everything else in a batch is bookkeeping, known on the host: keys, is_padding,
+# no_padding (every row fills the sequence length), tokens (real tokens) and predictions (real masked positions).
 MODEL_INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
                     "masked_lm_weights", "next_sentence_label")
 PAD_MULTIPLE = 8  # tensor-core / vector friendly sequence length
@@ -143,8 +144,9 @@ def worker_context():
 
 
 def model_inputs(batch: dict) -> dict:
-    """The tensors of a batch that ``engine(**...)`` accepts (drops ``keys``/``is_padding``)."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS}
+    """The tensors of a batch that ``engine(**...)`` accepts. A batch marked ``no_padding`` goes without its
+    attention mask (all ones): the model then skips masking and unpadding without asking the device."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if not (k == "attention_mask" and batch.get("no_padding"))}
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -366,7 +368,8 @@ class _Stream(IterableDataset):
         # them with torch.from_numpy (no copy)
         return {"input_ids": ids, "token_type_ids": tt, "attention_mask": am, "masked_lm_positions": mpos,
                 "masked_lm_ids": mids, "masked_lm_weights": mw, "next_sentence_label": nsp,
-                "keys": [d["__key__"] for d in rows]}
+                "keys": [d["__key__"] for d in rows], "no_padding": bool(am.all()), "tokens": int(am.sum()),
+                "predictions": int(mw.sum())}
 
     def _padding_batch(self, k: int) -> dict:
         """One dummy row ([CLS] [SEP], no predictions) so the rank still runs the step's collectives (ZeRO's

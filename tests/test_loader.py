@@ -110,7 +110,12 @@ def test_collate_matches_stored_samples(shard_dir, oracle):
     loader = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3)
     assert loader.batches_per_epoch == 200 // 8
     for batch in take(loader, loader.batches_per_epoch):
-        assert set(batch) == set(("keys", "is_padding") + tuple(model_inputs(batch))) and not batch["is_padding"]
+        assert set(batch) == {"keys", "is_padding", "no_padding", "tokens", "predictions", *MODEL_INPUT_KEYS}
+        assert not batch["is_padding"]
+        am = batch["attention_mask"]
+        assert batch["no_padding"] == bool(am.all()) and batch["tokens"] == int(am.sum())
+        assert batch["predictions"] == int(batch["masked_lm_weights"].sum())
+        assert ("attention_mask" in model_inputs(batch)) != batch["no_padding"]
         B, S = batch["input_ids"].shape
         lens = [len(oracle[k]["input_ids"]) for k in batch["keys"]]
         assert B == 8 and S % 8 == 0 and max(lens) <= S < max(lens) + 8

@@ -112,10 +112,12 @@ def test_bf16_autocast_forward_backward_on_cpu():
     ("token_type_too_large", r"token_type_ids must be in \[0, 2\) \(type_vocab_size\)"),
     ("too_long", r"sequence length 33 exceeds max_position_embeddings 32"),
     ("mask_shape", r"attention_mask shape"),
+    ("position_too_large", r"masked_lm_positions must be in \[0, 8\)"),
 ])
 def test_bad_inputs_raise_value_error(case, match):
+    """Shapes are always checked; values only by a model built with check_values=True (each is a host sync)."""
     config = tiny_config()
-    model = BertForPreTraining(config)
+    model = BertForPreTraining(config, check_values=True)
     ids = torch.randint(0, 64, (2, 8))
     tt = torch.zeros_like(ids)
     am = torch.ones_like(ids)
@@ -130,8 +132,25 @@ def test_bad_inputs_raise_value_error(case, match):
         tt, am = torch.zeros_like(ids), torch.ones_like(ids)
     elif case == "mask_shape":
         am = torch.ones(2, 7, dtype=torch.long)
+    labels = {}
+    if case == "position_too_large":
+        labels = dict(masked_lm_positions=torch.tensor([[1, 8], [2, 3]]), masked_lm_ids=torch.ones(2, 2).long(),
+                      next_sentence_label=torch.zeros(2).long())
     with pytest.raises(ValueError, match=match):
-        model(ids, tt, am)
+        model(ids, tt, am, **labels)
+
+
+def test_value_checks_are_opt_in():
+    """The default model does not read input values back to the host (the data side checks samples): a token
+    type of -1 reaches the embedding, which fails on its own; check_values=True names the input instead."""
+    config = tiny_config()
+    ids, tt = torch.randint(0, 64, (2, 8)), torch.zeros(2, 8, dtype=torch.long)
+    tt[0, 0] = -1
+    with pytest.raises(ValueError, match="token_type_ids must be in"):
+        BertModel(config, check_values=True)(ids, tt)
+    with pytest.raises((IndexError, RuntimeError)) as e:
+        BertModel(config)(ids, tt)
+    assert not isinstance(e.value, ValueError)
 
 
 @pytest.mark.parametrize("kwargs,match", [

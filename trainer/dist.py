@@ -161,15 +161,26 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(values, device) -> list[float]:
-    """Sums over ranks of a list of numbers (float64); the values themselves without a process group."""
+def all_reduce_sum(values, device, extra=()) -> list[float]:
+    """Sums over ranks of a list of host numbers followed by ``extra`` (host numbers or 0-dim device tensors), as
+    one float64 tensor (one host read); the values themselves without a process group."""
     import torch
     import torch.distributed as tdist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
+    if extra:
+        t = torch.cat([t, torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+                                       for x in extra])])
     if tdist.is_available() and tdist.is_initialized():
         tdist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_named(sums: dict, device) -> dict:
+    """Sums over ranks of named numbers (host numbers or 0-dim device tensors) -> name: float. One all_reduce of
+    one float64 tensor laid out in sorted-name order, so every rank must hold the same names; one host read."""
+    names = sorted(sums)
+    return dict(zip(names, all_reduce_sum([], device, extra=[sums[k] for k in names])))
 
 
 def all_gather_object(obj) -> list:

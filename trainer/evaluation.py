@@ -8,11 +8,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from data.loader import model_inputs
 from trainer import dist
 from trainer.metrics import SUM_KEYS, summarize
-
-_NON_TENSOR = ("keys", "is_padding")
-
 
 def model_device(model_or_engine) -> torch.device:
     device = getattr(model_or_engine, "device", None)
@@ -22,15 +20,16 @@ def model_device(model_or_engine) -> torch.device:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in _NON_TENSOR}
+    """The model inputs of a loader's batch (data.loader.model_inputs), on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
 
 
 @torch.no_grad()
 def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype: Optional[torch.dtype] = None,
                      max_batches: Optional[int] = None,
-                     stop: Optional[Callable[[], bool]] = None) -> Optional[list[float]]:
-    """This process's SUM_KEYS totals over one pass of ``loader`` (eval mode). Padding batches (``is_padding``,
-    eval loaders give every rank the same number of batches) are run — ZeRO-3 needs every rank in every
+                     stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+    """This process's totals of the SUM_KEYS names over one pass of ``loader`` (eval mode). Padding batches
+    (``is_padding``, eval loaders give every rank the same number of batches) are run — ZeRO-3 needs every rank in every
     forward — but not counted. ``max_batches`` must be the same on every rank. ``stop`` is asked before every
     batch (on every rank: it may be a collective); when it says yes the pass ends there and None is returned."""
     device = model_device(model_or_engine)
@@ -51,7 +50,7 @@ def pretraining_sums(model_or_engine, loader: Iterable[dict], *, autocast_dtype:
                 sums += torch.stack([getattr(out, k).detach().to(torch.float64) for k in SUM_KEYS])
     finally:
         model_or_engine.train(was_training)
-    return sums.tolist()
+    return dict(zip(SUM_KEYS, sums.tolist()))
 
 
 def evaluate_pretraining(model_or_engine, loader: Iterable[dict], **kwargs) -> Optional[dict]:
@@ -59,22 +58,18 @@ def evaluate_pretraining(model_or_engine, loader: Iterable[dict], **kwargs) -> O
     Returns ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``; None when ``stop``
     (pretraining_sums) cut the pass short."""
     sums = pretraining_sums(model_or_engine, loader, **kwargs)
-    return None if sums is None else summarize(dist.all_reduce_sum(sums, model_device(model_or_engine)))
+    return None if sums is None else summarize(dist.all_reduce_named(sums, model_device(model_or_engine)))
 
 
 class Validator:
     """Training-time validation: metrics over the valid split (every rank its share), logged to TensorBoard
-    and metrics.jsonl, plus a text panel of decoded Input / Target / Predicted for fixed held-out examples.
-
-    ``make_loader`` builds a fresh one-pass loader (its workers start from the fork server each time). Every
-    rank keeps its first valid batch for the panel (under ZeRO-3 every rank must run each forward); rank 0,
-    which holds the tokenizer, shows its first ``n_examples``."""
+    and metrics.jsonl. ``make_loader`` builds a fresh one-pass loader (its workers start from the fork server each
+    time). The text panel of held-out examples is a callback (trainer.callbacks.TextPanel)."""
 
     def __init__(self, engine, make_loader: Callable[[], Iterable[dict]], metrics, *, max_batches: Optional[int],
-                 tokenizer=None, pad_id: int = 0, n_examples: int = 3, log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print):
         self.engine, self.make_loader, self.metrics, self.max_batches = engine, make_loader, metrics, max_batches
-        self.tokenizer, self.pad_id, self.n_examples, self.log = tokenizer, pad_id, n_examples, log
-        self.fixed_batch = next(iter(make_loader()), None)
+        self.log = log
         self.best: dict = {}
 
     def __call__(self, step: int, stop: Optional[Callable[[], bool]] = None) -> bool:
@@ -90,16 +85,7 @@ class Validator:
             self.best = dict(res, step=step)
         self.log(f"step {step}: validation mlm_loss {res['mlm_loss']:.4f} (perplexity {res['perplexity']:.2f}), "
                  f"mlm_acc {res['mlm_acc']:.4f}, nsp_acc {res['nsp_acc']:.4f} on {res['samples']} sequences")
-        if self.fixed_batch is not None:
-            self._text_panel(step)
         return True
-
-    def _text_panel(self, step: int) -> None:
-        predictions = predict_batch(self.engine, self.fixed_batch)  # every rank: ZeRO-3 needs all in the forward
-        if self.tokenizer is None:
-            return
-        text = examples_text(self.tokenizer, self.fixed_batch, predictions, self.pad_id, self.n_examples)
-        self.metrics.text(step, "validation/examples", text)
 
 
 @torch.no_grad()
@@ -148,18 +134,19 @@ def evaluate_as_ranks(model, shards: str, split: str, micro_batch: int, ranks: i
     read; their sums are added (the run's all_reduce) and divided once."""
     from data.loader import PretrainLoader
 
-    total = [0.0] * len(SUM_KEYS)
+    total = dict.fromkeys(SUM_KEYS, 0.0)
     for rank in range(ranks):
         loader = PretrainLoader(shards, split, micro_batch, rank=rank, world_size=ranks, seed=seed, shuffle=False,
                                 loop=False)
-        total = [a + b for a, b in zip(total, pretraining_sums(model, loader, max_batches=max_batches))]
+        sums = pretraining_sums(model, loader, max_batches=max_batches)
+        total = {k: total[k] + sums[k] for k in SUM_KEYS}
     return summarize(total)
 
 
 def first_batch_examples(model, tokenizer, shards: str, split: str, micro_batch: int, ranks: int, seed: int,
                          limit: int) -> str:
     """The text panel of the run's validation for this model: rank 0's first batch of the split (the batch the
-    run's Validator keeps), decoded as Input / Target / Predicted."""
+    run's text panel keeps), decoded as Input / Target / Predicted."""
     from data.loader import PretrainLoader
 
     loader = PretrainLoader(shards, split, micro_batch, rank=0, world_size=ranks, seed=seed, shuffle=False,

@@ -139,7 +139,7 @@ class Verdict:
     """What every rank agreed on at a step boundary."""
 
     stop: bool = False  # a stop was requested (signal) on some rank: save and exit 0
-    fatal: Optional[str] = None  # non-finite numbers: exit without saving the bad state
+    fatal: Optional[str] = None  # non-finite numbers: exit without saving the bad state (set by the trainer)
     data_errors: list[str] = field(default_factory=list)  # "rank R: message" of ranks whose data failed
     damaged: Optional[str] = None  # the data lost more than its thresholds allow (data.health): save, exit 2
     sums: list[float] = field(default_factory=list)  # the extra numbers, summed over ranks
@@ -149,24 +149,16 @@ class Verdict:
         return self.stop or self.fatal is not None or bool(self.data_errors) or self.damaged is not None
 
 
-def agree(stop: bool, fatal: Optional[str], data_error: Optional[str], device, extra=()) -> Verdict:
-    """One all_reduce of three flags and the ``extra`` numbers (summed); the messages travel
-    (all_gather_object) only when something failed."""
-    import torch
-    import torch.distributed as tdist
-
-    flags = torch.tensor([float(stop), float(fatal is not None), float(data_error is not None), *map(float, extra)],
-                         dtype=torch.float64, device=device)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(flags)
-    v = Verdict(stop=bool(flags[0] > 0), sums=flags[3:].tolist())
-    if flags[1] > 0 or flags[2] > 0:
-        notes = dist.all_gather_object((fatal, data_error))
-        fatals = [f for f, _ in notes if f]
-        v.fatal = (fatals[0] if fatals else None) if flags[1] > 0 else None
-        if flags[1] > 0 and v.fatal is None:
-            v.fatal = "a non-finite loss on another rank"
-        v.data_errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(notes) if e]
+def agree(stop: bool, data_error: Optional[str], device, extra=()) -> Verdict:
+    """One all_reduce of two flags and the ``extra`` numbers (summed; host numbers or 0-dim device tensors, which
+    this one read brings to the host: the trainer's non-finite loss count travels here); the data errors'
+    messages travel (all_gather_object) only when some rank's data failed. ``fatal`` is the caller's to decide
+    from the sums (the same on every rank)."""
+    flags = dist.all_reduce_sum([float(stop), float(data_error is not None)], device, extra=extra)
+    v = Verdict(stop=flags[0] > 0, sums=flags[2:])
+    if flags[1] > 0:
+        notes = dist.all_gather_object(data_error)
+        v.data_errors = [f"rank {r}: {e}" for r, e in enumerate(notes) if e]
     return v
 
 

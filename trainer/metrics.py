@@ -1,9 +1,9 @@
 """What a run measures and where it goes: exact MLM/NSP sums, FLOPs and MFU, and the sinks (rank 0 only):
 TensorBoard scalars + text panels, and ``metrics.jsonl``.
 
-Exact aggregation: the model returns detached sums and counts per batch (``SUM_KEYS``); they are added over
-batches and ranks and divided once (``summarize``). Averaging per-batch means instead would weight a batch of
-3 predictions like one of 20.
+Exact aggregation: the model returns detached sums and counts per batch (named ``SUM_KEYS``); they are added
+over batches and ranks (as named sums: trainer.dist.all_reduce_named) and divided once (``summarize``).
+Averaging per-batch means instead would weight a batch of 3 predictions like one of 20.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``{"step": N, "loss": ..., ...}``) and one per
 validation (``{"step": N, "val/mlm_loss": ..., ...}``), so runs can be compared by machine. After a resume
@@ -24,14 +24,15 @@ import torch
 
 from common import files
 
-# Detached sums and counts of bert.model.PreTrainingLossOutput, in this order everywhere.
+# Names of the detached sums and counts of bert.model.PreTrainingLossOutput; sums travel as dicts by these names.
 SUM_KEYS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "nsp_count")
 
 
-def summarize(sums) -> dict:
-    """Totals of SUM_KEYS (a sequence in that order, over any number of batches and ranks) -> the metrics:
-    ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions``."""
-    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, nsp_count = (float(x) for x in sums)
+def summarize(sums: dict) -> dict:
+    """Totals of the SUM_KEYS names (over any number of batches and ranks; other names are ignored) -> the
+    metrics: ``mlm_loss, perplexity, mlm_acc, nsp_loss, nsp_acc, samples, predictions`` (NaN for an empty count).
+    The one place where sums become values: validation, evaluation and the training log lines all use it."""
+    mlm_loss_sum, mlm_correct, mlm_count, nsp_loss_sum, nsp_correct, nsp_count = (float(sums[k]) for k in SUM_KEYS)
     mlm_loss = mlm_loss_sum / mlm_count if mlm_count else float("nan")
     return {
         "mlm_loss": mlm_loss,

@@ -41,6 +41,9 @@ def check_shards(manifest: dict, where: str, model_cfg, expected_format: int) ->
     if tok.get("vocab_size") != model_cfg.vocab_size:
         raise ConfigError(f"{where}: shards' tokenizer has vocab_size {tok.get('vocab_size')} (fingerprint "
                           f"{tok.get('fingerprint')}) but the model has vocab_size {model_cfg.vocab_size}")
+    if model_cfg.type_vocab_size < 2:  # samples have segments 0 and 1 (data.shards.check_sample)
+        raise ConfigError(f"{where}: samples have token types 0 and 1 but the model's type_vocab_size is "
+                          f"{model_cfg.type_vocab_size}")
     seq = (manifest.get("settings") or {}).get("max_seq_len")
     if not isinstance(seq, int) or seq > model_cfg.max_position_embeddings:
         raise ConfigError(f"{where}: shards' max_seq_len is {seq} but the model's max_position_embeddings is "
@@ -161,14 +164,16 @@ def _build_loader(cfg: RunConfig, data: _Data, resolved, rank: int, world: int):
 
 
 def _build_validator(cfg: RunConfig, data: _Data, engine, metrics, micro: int, rank: int, world: int):
-    """Validation over the valid split (None when it is empty); its loader is made per pass."""
+    """Validation over the valid split and the text panel of its first batch (None, None when it is empty); its
+    loader is made per pass."""
     from data.loader import PretrainLoader
+    from trainer.callbacks import TextPanel
     from trainer.evaluation import Validator
 
     t = cfg.train
     if not data.valid["splits"]["valid"]["samples"]:
         log(rank, f"{data.valid_dir} has no valid split samples: validation is off for this run")
-        return None
+        return None, None
 
     def valid_loader():
         try:
@@ -180,8 +185,9 @@ def _build_validator(cfg: RunConfig, data: _Data, engine, metrics, micro: int, r
     from data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(data.train_dir, "tokenizer")) if rank == 0 else None
-    return Validator(engine, valid_loader, metrics, max_batches=t.eval_batches, tokenizer=tokenizer,
-                     pad_id=data.train["tokenizer"]["pad_id"], n_examples=t.eval_examples, log=lambda m: log(rank, m))
+    panel = TextPanel(next(iter(valid_loader()), None), tokenizer, pad_id=data.train["tokenizer"]["pad_id"],
+                      n_examples=t.eval_examples)
+    return Validator(engine, valid_loader, metrics, max_batches=t.eval_batches, log=lambda m: log(rank, m)), panel
 
 
 def _peak_tflops(t, engine, resolved, rank: int) -> float:
@@ -277,6 +283,7 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
            device_kind: str, place: tuple[int, int, int]) -> int:
     from data.health import DataHealth, shard_budget
     from trainer.metrics import MetricsWriter, flop_counts
+    from trainer import callbacks
     from trainer.trainer import RunInfo, Trainer
 
     t, d = cfg.train, cfg.data
@@ -308,14 +315,15 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
         _prepare_folder(cfg, resolved.ds, data, aside, fresh=state is None)
     metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None,
                             aside=aside)
-    validate = _build_validator(cfg, data, engine, metrics, resolved.batch.micro, rank, world)
+    validate, panel = _build_validator(cfg, data, engine, metrics, resolved.batch.micro, rank, world)
     info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
                    peak_lr=peak_lr, warmup=warmup, peak_tflops=_peak_tflops(t, engine, resolved, rank), flops=flops,
                    ds_path=ds_path, min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
     health = DataHealth(d.max_bad_samples, d.max_bad_fraction,
                         shard_budget(len(data.train["splits"]["train"]["shards"]), d.max_bad_shards))
     trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, health=health,
-                      validate=validate, stop=stop, log=lambda m: log(rank, m))
+                      validate=validate, stop=stop, log=lambda m: log(rank, m),
+                      callbacks=callbacks.standard() + ([panel] if panel is not None else []))
     if state is not None:
         _resume(trainer, state, resume, world, rank)
     elif t.resume == "auto":

@@ -11,6 +11,12 @@ then does any rank enter the step's collectives. So a rank whose data broke neve
 all of them stop at the same step, save the last good state and say why. Every collective is bounded
 (trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase.
 
+Host syncs (each a pipeline drain on a GPU): a step that does not log reads the device once, the agreement
+(which carries the step's non-finite loss count); the loss and metric sums stay on the device, as named sums of a
+``Window``, until a log step reduces them over ranks as one tensor. (Not a read of a value, but a wait all the
+same on a GPU: the unpadding of a padded batch sizes its gather index with ``nonzero``, bert/padding.py.) What a
+log line reports beyond the loss comes from callbacks (trainer.callbacks: on_step_end / on_log / on_eval).
+
 A stop signal (trainer.guards.StopFlag) ends the run at the first agreement after it, in whatever phase it
 lands: start-up (the loop's first agreement), a step (the next one), validation (the ranks agree before every
 validation batch, so the pass ends after the batch in flight and is not logged), a checkpoint save (the save
@@ -19,7 +25,6 @@ finishes, then one agreement: no further step). Every rank saves that same step 
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -31,11 +36,12 @@ from typing import Callable, Optional
 import torch
 
 from data.health import DataHealth
-from trainer import checkpoint, dist
+from trainer import callbacks as cbs, checkpoint, dist
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
 from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
-from trainer.metrics import SUM_KEYS, MetricsWriter, step_flops
+from trainer.evaluation import to_device
+from trainer.metrics import SUM_KEYS, MetricsWriter, summarize
 from trainer.schedule import lr_at, set_lr
 
 EXIT_OK, EXIT_DATA, EXIT_NONFINITE, EXIT_COLLECTIVE = 0, 2, 3, 4
@@ -57,26 +63,37 @@ class RunInfo:
     min_loss_scale: float = 1.0  # fp16's floor (the JSON's fp16.min_loss_scale)
 
 
+# The loop's own sums (callbacks add theirs): every rank holds these names from the start, so the one reduction
+# of a window lines up even on a rank whose batches were all padding.
+STEP_SUMS = ("loss_sum", "micro_batches", "samples", "tokens", *SUM_KEYS)
+
+
 @dataclass
 class Window:
-    """Sums since the last log line; reduced over ranks when logged."""
+    """Named sums since the last log line: 0-dim device tensors or host numbers, never read back before the log
+    step. ``folded``: the part already summed over ranks (at a validation or a save between two log lines)."""
 
-    loss_sum: float = 0.0
-    micro_batches: int = 0
-    sums: list = field(default_factory=lambda: [0.0] * len(SUM_KEYS))
-    samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    keys: list = field(default_factory=list)
+    sums: dict = field(default_factory=lambda: dict.fromkeys(STEP_SUMS, 0.0))
+    folded: dict = field(default_factory=dict)
+    steps: int = 0  # steps in ``sums`` (the same on every rank)
+    elapsed: float = 0.0  # training seconds of ``folded``
+    keys: list = field(default_factory=list)  # each step's sample keys
     t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else v
+            self.sums[k] = self.sums.get(k, 0.0) + v
 
 
 class Trainer:
     def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
                  checkpointer: checkpoint.Checkpointer, health: DataHealth,
                  validate: Optional[Callable[..., bool]] = None, stop: Optional[StopFlag] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, callbacks: Optional[list] = None):
+        """callbacks: what the log lines report beyond the loss (trainer.callbacks; default: ``standard()``)."""
         self.engine, self.loader, self.cfg, self.info, self.health = engine, loader, cfg, info, health
+        self.callbacks = cbs.standard() if callbacks is None else list(callbacks)
         self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
         self.step = self.samples_seen = self.tokens_seen = 0
         self.phase = "start-up"
@@ -142,7 +159,7 @@ class Trainer:
         self.stop.install()  # (again: trainer.pretrain installs it before the slow start-up)
         self._stream = iter(self.loader)
         batches, error = self._fetch()
-        verdict = self._agree(None, error)
+        verdict = self._agree(error)
         if not verdict.halt and self.step == 0 and t.eval_every > 0:
             verdict.stop = not self._validate()  # the starting point, so the curve shows where accuracy began
         win, train_time = Window(), 0.0
@@ -154,15 +171,17 @@ class Trainer:
                 self.phase = "training step"
                 lr = lr_at(self.step, self.info.peak_lr, self.info.warmup, t.max_steps)
                 set_lr(self.engine.optimizer, lr)
-                fatal = self._train_step(batches, win)
+                nonfinite = self._train_step(batches, win)
                 self.step += 1
                 bar.update(1)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, batches, win)
                 self._data_state = self.loader.state_dict()  # before the next step's batches are fetched
                 batches, error = self._fetch()
-                verdict = self._agree(fatal, error)
+                verdict = self._agree(error, nonfinite)
                 if verdict.fatal:
                     break
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if self.logs_at(self.step):
                     train_time += self._log(win, lr, bar)
                     win = Window()
                 if t.eval_every > 0 and self.step % t.eval_every == 0:
@@ -198,28 +217,43 @@ class Trainer:
                 traceback.print_exc()
             return [], f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
 
-    def _agree(self, fatal: Optional[str], data_error: Optional[str]) -> Verdict:
-        """guards.agree, with the data's health: when any rank's loader found something it had not reported (a
-        shard opened, a damaged shard, a corrupt sample), every rank's report is merged, so that all of them
-        judge the same totals against data.max_bad_* at the same step."""
+    def _agree(self, data_error: Optional[str], nonfinite: Optional[torch.Tensor] = None) -> Verdict:
+        """guards.agree, with the data's health and the step's losses. When any rank's loader found something it
+        had not reported (a shard opened, a damaged shard, a corrupt sample), every rank's report is merged, so
+        that all of them judge the same totals against data.max_bad_* at the same step. ``nonfinite``: this
+        rank's count of non-finite losses in the step just taken (on the device: the agreement's one read brings
+        it to the host), None before the first step."""
         report = self.loader.health_report()
         known = (len(report["opened"]), len(report["damaged"]), sum(report["corrupt"].values()))
-        verdict = agree(self.stop.requested, fatal, data_error, self.engine.device,
-                        extra=(float(known != self._reported),))
+        verdict = agree(self.stop.requested, data_error, self.engine.device,
+                        extra=(float(known != self._reported), 0.0 if nonfinite is None else nonfinite))
         if verdict.sums[0] > 0:
             self.health.add_reports(dist.all_gather_object(report))
             self._reported = known
         verdict.damaged = self.health.verdict()
+        if nonfinite is not None:
+            verdict.fatal = self._guard(losses_finite=verdict.sums[1] == 0)
         return verdict
 
-    def _train_step(self, batches: list[dict], win: Window) -> Optional[str]:
-        """Forward/backward over the step's micro-batches and the optimizer step; returns a fatal reason."""
-        loss_finite = True
+    def _guard(self, losses_finite: bool) -> Optional[str]:
+        """The non-finite guard's verdict on the step just taken (the same on every rank: its inputs are)."""
+        fp16 = self.info.precision == "fp16"
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False)) if fp16 else False
+        return self.guard.update(losses_finite, overflow, loss_scale(self.engine) if fp16 else None)
+
+    def logs_at(self, step: int) -> bool:
+        """Whether ``step`` (counted when done) writes a log line."""
+        return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
+
+    def _train_step(self, batches: list[dict], win: Window) -> torch.Tensor:
+        """Forward/backward over the step's micro-batches and the optimizer step. Nothing is read back to the host
+        (a pipeline drain on a GPU): the sums go to ``win`` on the device, and the count of non-finite losses is
+        returned there for the step's agreement to read."""
+        device = self.engine.device
+        nonfinite = torch.zeros((), device=device)
         keys = []
         for batch in batches:
-            tensors = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()
-                       if k not in ("keys", "is_padding")}
-            out = self.engine(**tensors)
+            out = self.engine(**to_device(batch, device))
             if batch["is_padding"]:  # all its samples were lost: zero weight, only the collectives run
                 self.engine.backward(out.loss * 0.0)
                 self.engine.step()
@@ -227,65 +261,50 @@ class Trainer:
             self.engine.backward(out.loss)
             self.engine.step()
             keys.extend(batch["keys"])
-            # One device->host transfer per micro-batch (not one per number: each is a sync on a GPU).
-            loss, *sums, n_tok, n_pred = torch.stack(
-                [out.loss.detach().float(), *(getattr(out, k).float() for k in SUM_KEYS),
-                 tensors["attention_mask"].sum().float(), tensors["masked_lm_weights"].sum().float()]).tolist()
-            loss_finite &= math.isfinite(loss)
-            n_seq, seq_len = tensors["input_ids"].shape
-            win.loss_sum += loss
-            win.micro_batches += 1
-            win.sums = [a + b for a, b in zip(win.sums, sums)]
-            win.samples += n_seq
-            win.tokens += int(n_tok)
-            win.flops += step_flops(self.info.flops, n_tok, n_pred, n_seq, seq_len)
+            loss = out.loss.detach().float()
+            nonfinite += ~torch.isfinite(loss)
+            win.add({"loss_sum": loss, "micro_batches": 1, "samples": batch["input_ids"].shape[0],
+                     "tokens": batch["tokens"], **{k: getattr(out, k) for k in SUM_KEYS}})
         win.keys.append(keys)
-        fp16 = self.info.precision == "fp16"
-        overflow = bool(getattr(self.engine.optimizer, "overflow", False)) if fp16 else False
-        return self.guard.update(loss_finite, overflow, loss_scale(self.engine) if fp16 else None)
+        win.steps += 1
+        return nonfinite
 
     # --- pieces of the loop ----------------------------------------------------------------------
     def _fold(self, win: Window) -> float:
-        """Add the unlogged part of the window to the counters (so a checkpoint holds exact totals);
-        returns its training time."""
-        if not win.micro_batches:
-            return 0.0
-        samples, tokens = (int(x) for x in dist.all_reduce_sum([win.samples, win.tokens], self.engine.device))
-        self.samples_seen += samples
-        self.tokens_seen += tokens
+        """Sum the window's new part over ranks into ``win.folded`` and its samples and tokens into the counters
+        (so a checkpoint holds exact totals); the window keeps everything for its log line. Returns the part's
+        training time."""
         elapsed = time.perf_counter() - win.t0
-        win.__init__()
+        win.t0 = time.perf_counter()
+        if not win.steps:
+            return 0.0
+        reduced = dist.all_reduce_named(win.sums, self.engine.device)
+        self.samples_seen += int(reduced["samples"])
+        self.tokens_seen += int(reduced["tokens"])
+        win.folded = {k: win.folded.get(k, 0.0) + v for k, v in reduced.items()}
+        win.sums, win.steps = dict.fromkeys(win.sums, 0.0), 0
+        win.elapsed += elapsed
         return elapsed
 
     def _log(self, win: Window, lr: float, bar) -> float:
-        elapsed = time.perf_counter() - win.t0
-        red = dist.all_reduce_sum([win.loss_sum, win.micro_batches, win.samples, win.tokens, win.flops, *win.sums],
-                                  self.engine.device)
-        loss_sum, micro_batches, samples, tokens, flops = red[:5]
-        s = dict(zip(SUM_KEYS, red[5:5 + len(SUM_KEYS)]))
-        self.samples_seen += int(samples)
-        self.tokens_seen += int(tokens)
-        grad_norm = self.engine.get_global_grad_norm()
-        tflops = flops / max(elapsed, 1e-9) / 1e12
-        rec = {"step": self.step, "loss": loss_sum / max(micro_batches, 1),
-               "mlm_loss": s["mlm_loss_sum"] / max(s["mlm_count"], 1.0),
-               "nsp_loss": s["nsp_loss_sum"] / max(s["nsp_count"], 1.0),
-               "mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1.0),
-               "nsp_acc": s["nsp_correct"] / max(s["nsp_count"], 1.0), "lr": lr,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-               "samples_per_s": samples / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
-               "tflops": tflops, "mfu": tflops / (self.info.peak_tflops * self.info.world),
+        """One line of metrics.jsonl and TensorBoard's train/ scalars for the window; returns its training time."""
+        train_time = self._fold(win)
+        s, elapsed = win.folded, max(win.elapsed, 1e-9)
+        rec = {"step": self.step, "loss": s["loss_sum"] / max(s["micro_batches"], 1), "lr": lr,
+               **{k: v for k, v in summarize(s).items() if k in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")},
+               "samples_per_s": s["samples"] / elapsed, "tokens_per_s": s["tokens"] / elapsed,
                "skipped_steps": int(self.engine.skipped_steps),
                "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
         if self.info.precision == "fp16":
             rec["loss_scale"] = loss_scale(self.engine)
-        rec.update({f"data/{k}": v for k, v in self.health.stats().items()})
+        for cb in self.callbacks:
+            cb.on_log(self, rec, s, elapsed)
         if self.cfg.log_batch_keys:
             rec["keys"] = dist.all_gather_object(win.keys[-1] if win.keys else [])
         self.metrics.scalars(self.step, {k: v for k, v in rec.items() if k not in ("step", "keys")}, prefix="train/")
         self.metrics.record(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-        return elapsed
+        return train_time
 
     def _validate(self, stoppable: bool = True) -> bool:
         """One validation pass; False when the ranks agreed on a stop before one of its batches (cut short)."""
@@ -294,7 +313,11 @@ class Trainer:
         if self.validate_fn is None:
             return True
         stop = (lambda: agree_stop(self.stop.requested, self.engine.device)) if stoppable else None
-        return self.validate_fn(self.step, stop=stop)
+        if not self.validate_fn(self.step, stop=stop):
+            return False
+        for cb in self.callbacks:
+            cb.on_eval(self, self.step)
+        return True
 
     def _save(self) -> None:
         self.phase = "checkpoint save"
