@@ -312,8 +312,10 @@ def machine_facts(device: str) -> dict:
 
 def metric_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
+    from trainer.metrics import read_records
+
     path = run_dir / "metrics.jsonl"
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    recs = read_records(path) if path.exists() else []
     return [r for r in recs if "loss" in r], [r for r in recs if "val/mlm_loss" in r]
 
 

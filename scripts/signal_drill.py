@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from trainer.metrics import read_records
+
 REPO = Path(__file__).resolve().parents[1]
 MOMENTS = ("rank", "group", "validation", "save", "first_step")
 TRAIN = dict(max_steps=8, warmup_steps=2, log_every=1, eval_every=5, eval_batches=4, save_every=3,
@@ -84,17 +86,7 @@ def wait_ranks(ranks: list[subprocess.Popen], bound: float = BOUND_S) -> list[in
 
 def records(out: Path) -> dict[int, dict]:
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    recs = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
+    return {r["step"]: r for r in read_records(path) if "loss" in r} if path.exists() else {}
 
 
 def wait_until(cond, ranks, what: str, bound: float = BOUND_S) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from bert import BertConfig
 from trainer import precision
+from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # What this machine trains the shipped JSONs' fp16 request in (bf16 where the CPU has it natively, else fp32):
@@ -179,14 +180,7 @@ def write_run(tmp, shards, out, model=None, data=None, **train) -> str:
 
 def train_records(out) -> dict:
     """step -> the training record of metrics.jsonl in a run folder."""
-    import json
-
-    recs = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
+    return {r["step"]: r for r in read_records(Path(out) / "metrics.jsonl") if "loss" in r}
 
 
 def damage(root, name, kind):
