@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from common import processes
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_LINES = ("host allocator:", "cpu host workarounds")  # what trainer/cpu.py makes a launcher print
@@ -189,8 +190,8 @@ class Check:
     def run(self, st: Stage, name: str, argv: list, timeout: Optional[float] = None, expect: int = 0,
             env: Optional[dict] = None) -> Cmd:
         """One command in the repo root, bounded by ``timeout``, the stage's budget and the run's deadline
-        (SIGTERM to its whole process group, SIGKILL 10 s later); its output goes to the log afterwards, in
-        one piece, so stages running side by side do not interleave."""
+        (common.processes.run: SIGTERM to its whole process group, SIGKILL 10 s later); its output goes to the
+        log afterwards, in one piece, so stages running side by side do not interleave."""
         limit = min(timeout or 1e9, st.deadline - time.time(), self.deadline - time.time())
         log = self.work / "logs" / f"{st.name}-{name}.log"
         argv = [str(a) for a in argv]
@@ -200,32 +201,17 @@ class Check:
             st.commands.append(asdict(cmd))
             st.errors.append(f"{name}: not started, no time left")
             return cmd
-        t0 = time.time()
-        with open(log, "w") as f:
-            p = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**self.env(), **(env or {})})
-            timed_out = False
-            try:
-                p.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-                    try:
-                        os.killpg(p.pid, sig)
-                        p.wait(timeout=wait)
-                        break
-                    except (ProcessLookupError, subprocess.TimeoutExpired):
-                        continue
-        cmd = Cmd(name, shown, p.returncode, round(time.time() - t0, 1), timed_out, str(log))
+        ended = processes.run(argv, log, limit, env={**self.env(), **(env or {})}, cwd=REPO)
+        cmd = Cmd(name, shown, ended.returncode, round(ended.wall_s, 1), ended.timed_out, str(log))
         st.commands.append(asdict(cmd))
         text = cmd.text
         cut = f"[... first {len(text) - LOG_TAIL} characters cut ...]\n" if len(text) > LOG_TAIL else ""
         with self._lock, open(self.log_path, "a") as f:
             f.write(f"\n===== {st.name}/{name}: {shown}\n{cut}{text[-LOG_TAIL:]}\n===== {st.name}/{name}: exit "
-                    f"{p.returncode}{' (TIMED OUT after %.0f s)' % limit if timed_out else ''}, {cmd.wall_s} s\n")
-        st.check(f"{name} exits {expect}", p.returncode == expect and not timed_out,
-                 f"exit {p.returncode}" + (f", killed at its limit of {limit:.0f} s" if timed_out else "")
-                 + ("" if p.returncode == expect else f"; last lines: {tail_lines(text)}"))
+                    f"{cmd.rc}{' (TIMED OUT after %.0f s)' % limit if cmd.timed_out else ''}, {cmd.wall_s} s\n")
+        st.check(f"{name} exits {expect}", cmd.rc == expect and not cmd.timed_out,
+                 f"exit {cmd.rc}" + (f", killed at its limit of {limit:.0f} s" if cmd.timed_out else "")
+                 + ("" if cmd.rc == expect else f"; last lines: {tail_lines(text)}"))
         return cmd
 
     def env(self) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from common import processes
 from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,29 +60,22 @@ def start_ranks(tmp: Path, shards: str, out: Path, tag: str, port: int) -> list[
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ranks = []
     for r in range(2):
-        log = open(tmp / f"{out.name}_{tag}_rank{r}.log", "w")
-        ranks.append(subprocess.Popen([sys.executable, str(REPO / "launcher" / "pretrain.py"), "--deepspeed", ds,
-                                       "--config", cfg], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        ranks.append(processes.start([sys.executable, REPO / "launcher" / "pretrain.py", "--deepspeed", ds,
+                                      "--config", cfg], tmp / f"{out.name}_{tag}_rank{r}.log",
+                                     env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
     return ranks
 
 
 def kill_groups(ranks: list[subprocess.Popen]) -> None:
     for p in ranks:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+        processes.stop_group(p)
 
 
 def wait_ranks(ranks: list[subprocess.Popen], bound: float = BOUND_S) -> list[int]:
-    deadline = time.monotonic() + bound
-    try:
-        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in ranks]
-    except subprocess.TimeoutExpired:
+    if not processes.wait_all(ranks, bound):
         kill_groups(ranks)
-        raise Hang(f"a rank did not exit within {bound:.0f}s (killed)") from None
+        raise Hang(f"a rank did not exit within {bound:.0f}s (killed)")
+    return [p.returncode for p in ranks]
 
 
 def records(out: Path) -> dict[int, dict]:
