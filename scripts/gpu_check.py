@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -152,13 +150,14 @@ class Check:
         self.log_path.touch()  # scripts/gpu_check.sh wrote the set-up's part
         import torch
 
+        from benchmarks.report import machine_facts
         from trainer import engine as eng, precision
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         ds = eng.load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
         self.decision = precision.decide(precision.requested(ds), precision.device_facts(self.device))
         self.plan = dry_plan(self.decision.precision) if dry else gpu_plan()
-        self.machine = machine_facts(self.device)
+        self.machine = machine_facts(torch.device(self.device))
 
     # --- output --------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -258,42 +257,6 @@ class Check:
 def tail_lines(text: str, n: int = 6) -> str:
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     return " | ".join(lines[-n:])[-1500:]
-
-
-def machine_facts(device: str) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    def line(*argv, having=""):
-        """The last line of a command's output that holds ``having`` (None if the command is not there)."""
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return next((ln.strip() for ln in reversed(out) if having in ln), None)
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    facts = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-             "deepspeed": version("deepspeed"), "transformers": version("transformers"),
-             "tokenizers": version("tokenizers"), "numpy": version("numpy"), "cpu": cpu, "cores": os.cpu_count(),
-             "git_commit": line("git", "-C", str(REPO), "rev-parse", "HEAD"),
-             "env": {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "TORCH_EXTENSIONS_DIR",
-                                                     "CUDA_HOME", "PYTHONPATH")}}
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        facts.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
-                     multiprocessors=p.multi_processor_count, cuda=torch.version.cuda,
-                     cudnn=torch.backends.cudnn.version(), nvcc=line("nvcc", "--version", having="release"),
-                     driver=line("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"))
-    return facts
 
 
 def metric_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
