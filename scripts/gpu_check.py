@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU acceptance check (issue #15): stages, each with a time budget, every one run even when an earlier
+"""The GPU acceptance check: stages, each with a time budget, every one run even when an earlier
 one failed; one JSON (stage results, checks, numbers, versions, device, errors) and one log in --out.
 scripts/gpu_check.sh installs the carried wheels and calls this; --dry-run runs the same code on a tiny CPU
 configuration (CI), so the kit cannot rot.
@@ -13,7 +13,7 @@ configuration (CI), so the kit cannot rot.
             batches unpadded vs padded), project
   cpu_workarounds  nothing of trainer/cpu.py on CUDA: the tests' host probe and every launcher log
 
-Checks decide pass/fail; targets (the issue's speed goals) are measured and reported, never asserted.
+Checks decide pass/fail; targets (the speed goals) are measured and reported, never asserted.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ LOG_TAIL = 300_000  # characters of one command's output kept in the log (it mus
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one mode. GPU: the issue's; dry: the smallest run of the same code."""
+    """Sizes of one mode. GPU: the acceptance run's; dry: the smallest run of the same code."""
 
     corpus_docs: Optional[int]
     vocab: int
@@ -117,7 +117,7 @@ class Stage:
     wall_s: float = 0.0
     checks: dict = field(default_factory=dict)  # name -> {"ok": True/False/None (not applicable), "detail"}
     numbers: dict = field(default_factory=dict)
-    targets: dict = field(default_factory=dict)  # the issue's speed goals: measured, never a failure
+    targets: dict = field(default_factory=dict)  # the speed goals: measured, never a failure
     errors: list = field(default_factory=list)
     commands: list = field(default_factory=list)
     deadline: float = 0.0
@@ -476,7 +476,7 @@ def stage_bench(c: Check, st: Stage) -> None:
 
 
 def bench_targets(st: Stage) -> None:
-    """The issue's goals on one H200 (measured, reported, never a failure)."""
+    """The speed goals on one H200 (measured, reported, never a failure)."""
     runs = st.numbers.get("runs", {})
 
     def row(run, prefix):
