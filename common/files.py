@@ -147,3 +147,26 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file", kind: type | Non
         raise UserError(f"{path}: the {what} must hold a YAML {'mapping' if kind is dict else kind.__name__}, "
                         f"not {type(obj).__name__}")
     return obj
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSON lines file", cut_last_ok: bool = False) -> list[dict]:
+    """The JSON objects of a file with one per line, in order; blank lines are skipped. A line that is not a
+    JSON object is a UserError naming the file and the line, except, with ``cut_last_ok``, a last line
+    without its newline that does not parse: a write cut by a kill (or still under way), left out."""
+    def parse(f):
+        lines = f.read().split("\n")  # the last item is "" when the file ends with its newline
+        records = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if cut_last_ok and n == len(lines):
+                    break
+                raise UserError(f"{path}: line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: line {n}: expected a JSON object per line, not {type(record).__name__}")
+            records.append(record)
+        return records
+    return _read(path, what, parse)

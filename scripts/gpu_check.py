@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU acceptance check (issue #15): stages, each with a time budget, every one run even when an earlier
+"""The GPU acceptance check: stages, each with a time budget, every one run even when an earlier
 one failed; one JSON (stage results, checks, numbers, versions, device, errors) and one log in --out.
 scripts/gpu_check.sh installs the carried wheels and calls this; --dry-run runs the same code on a tiny CPU
 configuration (CI), so the kit cannot rot.
@@ -13,7 +13,7 @@ configuration (CI), so the kit cannot rot.
             batches unpadded vs padded), project
   cpu_workarounds  nothing of trainer/cpu.py on CUDA: the tests' host probe and every launcher log
 
-Checks decide pass/fail; targets (the issue's speed goals) are measured and reported, never asserted.
+Checks decide pass/fail; targets (the speed goals) are measured and reported, never asserted.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from common import processes
+
 REPO = Path(__file__).resolve().parent.parent
 CPU_LINES = ("host allocator:", "cpu host workarounds")  # what trainer/cpu.py makes a launcher print
 LOG_TAIL = 300_000  # characters of one command's output kept in the log (it must come back: 16 MiB a file)
@@ -42,7 +41,7 @@ LOG_TAIL = 300_000  # characters of one command's output kept in the log (it mus
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one mode. GPU: the issue's; dry: the smallest run of the same code."""
+    """Sizes of one mode. GPU: the acceptance run's; dry: the smallest run of the same code."""
 
     corpus_docs: Optional[int]
     vocab: int
@@ -118,7 +117,7 @@ class Stage:
     wall_s: float = 0.0
     checks: dict = field(default_factory=dict)  # name -> {"ok": True/False/None (not applicable), "detail"}
     numbers: dict = field(default_factory=dict)
-    targets: dict = field(default_factory=dict)  # the issue's speed goals: measured, never a failure
+    targets: dict = field(default_factory=dict)  # the speed goals: measured, never a failure
     errors: list = field(default_factory=list)
     commands: list = field(default_factory=list)
     deadline: float = 0.0
@@ -151,13 +150,14 @@ class Check:
         self.log_path.touch()  # scripts/gpu_check.sh wrote the set-up's part
         import torch
 
+        from benchmarks.report import machine_facts
         from trainer import engine as eng, precision
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         ds = eng.load_ds_config(str(REPO / "ds_configs" / "zero2.json"))
         self.decision = precision.decide(precision.requested(ds), precision.device_facts(self.device))
         self.plan = dry_plan(self.decision.precision) if dry else gpu_plan()
-        self.machine = machine_facts(self.device)
+        self.machine = machine_facts(torch.device(self.device))
 
     # --- output --------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -189,8 +189,8 @@ class Check:
     def run(self, st: Stage, name: str, argv: list, timeout: Optional[float] = None, expect: int = 0,
             env: Optional[dict] = None) -> Cmd:
         """One command in the repo root, bounded by ``timeout``, the stage's budget and the run's deadline
-        (SIGTERM to its whole process group, SIGKILL 10 s later); its output goes to the log afterwards, in
-        one piece, so stages running side by side do not interleave."""
+        (common.processes.run: SIGTERM to its whole process group, SIGKILL 10 s later); its output goes to the
+        log afterwards, in one piece, so stages running side by side do not interleave."""
         limit = min(timeout or 1e9, st.deadline - time.time(), self.deadline - time.time())
         log = self.work / "logs" / f"{st.name}-{name}.log"
         argv = [str(a) for a in argv]
@@ -200,32 +200,17 @@ class Check:
             st.commands.append(asdict(cmd))
             st.errors.append(f"{name}: not started, no time left")
             return cmd
-        t0 = time.time()
-        with open(log, "w") as f:
-            p = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**self.env(), **(env or {})})
-            timed_out = False
-            try:
-                p.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-                    try:
-                        os.killpg(p.pid, sig)
-                        p.wait(timeout=wait)
-                        break
-                    except (ProcessLookupError, subprocess.TimeoutExpired):
-                        continue
-        cmd = Cmd(name, shown, p.returncode, round(time.time() - t0, 1), timed_out, str(log))
+        ended = processes.run(argv, log, limit, env={**self.env(), **(env or {})}, cwd=REPO)
+        cmd = Cmd(name, shown, ended.returncode, round(ended.wall_s, 1), ended.timed_out, str(log))
         st.commands.append(asdict(cmd))
         text = cmd.text
         cut = f"[... first {len(text) - LOG_TAIL} characters cut ...]\n" if len(text) > LOG_TAIL else ""
         with self._lock, open(self.log_path, "a") as f:
             f.write(f"\n===== {st.name}/{name}: {shown}\n{cut}{text[-LOG_TAIL:]}\n===== {st.name}/{name}: exit "
-                    f"{p.returncode}{' (TIMED OUT after %.0f s)' % limit if timed_out else ''}, {cmd.wall_s} s\n")
-        st.check(f"{name} exits {expect}", p.returncode == expect and not timed_out,
-                 f"exit {p.returncode}" + (f", killed at its limit of {limit:.0f} s" if timed_out else "")
-                 + ("" if p.returncode == expect else f"; last lines: {tail_lines(text)}"))
+                    f"{cmd.rc}{' (TIMED OUT after %.0f s)' % limit if cmd.timed_out else ''}, {cmd.wall_s} s\n")
+        st.check(f"{name} exits {expect}", cmd.rc == expect and not cmd.timed_out,
+                 f"exit {cmd.rc}" + (f", killed at its limit of {limit:.0f} s" if cmd.timed_out else "")
+                 + ("" if cmd.rc == expect else f"; last lines: {tail_lines(text)}"))
         return cmd
 
     def env(self) -> dict:
@@ -274,46 +259,12 @@ def tail_lines(text: str, n: int = 6) -> str:
     return " | ".join(lines[-n:])[-1500:]
 
 
-def machine_facts(device: str) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    def line(*argv, having=""):
-        """The last line of a command's output that holds ``having`` (None if the command is not there)."""
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return next((ln.strip() for ln in reversed(out) if having in ln), None)
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    facts = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-             "deepspeed": version("deepspeed"), "transformers": version("transformers"),
-             "tokenizers": version("tokenizers"), "numpy": version("numpy"), "cpu": cpu, "cores": os.cpu_count(),
-             "git_commit": line("git", "-C", str(REPO), "rev-parse", "HEAD"),
-             "env": {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "TORCH_EXTENSIONS_DIR",
-                                                     "CUDA_HOME", "PYTHONPATH")}}
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        facts.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
-                     multiprocessors=p.multi_processor_count, cuda=torch.version.cuda,
-                     cudnn=torch.backends.cudnn.version(), nvcc=line("nvcc", "--version", having="release"),
-                     driver=line("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"))
-    return facts
-
-
 def metric_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
+    from trainer.metrics import read_records
+
     path = run_dir / "metrics.jsonl"
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    recs = read_records(path) if path.exists() else []
     return [r for r in recs if "loss" in r], [r for r in recs if "val/mlm_loss" in r]
 
 
@@ -525,7 +476,7 @@ def stage_bench(c: Check, st: Stage) -> None:
 
 
 def bench_targets(st: Stage) -> None:
-    """The issue's goals on one H200 (measured, reported, never a failure)."""
+    """The speed goals on one H200 (measured, reported, never a failure)."""
     runs = st.numbers.get("runs", {})
 
     def row(run, prefix):

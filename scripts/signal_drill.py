@@ -25,6 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from common import processes
+from trainer.metrics import read_records
+
 REPO = Path(__file__).resolve().parents[1]
 MOMENTS = ("rank", "group", "validation", "save", "first_step")
 TRAIN = dict(max_steps=8, warmup_steps=2, log_every=1, eval_every=5, eval_batches=4, save_every=3,
@@ -57,44 +60,27 @@ def start_ranks(tmp: Path, shards: str, out: Path, tag: str, port: int) -> list[
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ranks = []
     for r in range(2):
-        log = open(tmp / f"{out.name}_{tag}_rank{r}.log", "w")
-        ranks.append(subprocess.Popen([sys.executable, str(REPO / "launcher" / "pretrain.py"), "--deepspeed", ds,
-                                       "--config", cfg], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        ranks.append(processes.start([sys.executable, REPO / "launcher" / "pretrain.py", "--deepspeed", ds,
+                                      "--config", cfg], tmp / f"{out.name}_{tag}_rank{r}.log",
+                                     env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
     return ranks
 
 
 def kill_groups(ranks: list[subprocess.Popen]) -> None:
     for p in ranks:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+        processes.stop_group(p)
 
 
 def wait_ranks(ranks: list[subprocess.Popen], bound: float = BOUND_S) -> list[int]:
-    deadline = time.monotonic() + bound
-    try:
-        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in ranks]
-    except subprocess.TimeoutExpired:
+    if not processes.wait_all(ranks, bound):
         kill_groups(ranks)
-        raise Hang(f"a rank did not exit within {bound:.0f}s (killed)") from None
+        raise Hang(f"a rank did not exit within {bound:.0f}s (killed)")
+    return [p.returncode for p in ranks]
 
 
 def records(out: Path) -> dict[int, dict]:
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    recs = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
+    return {r["step"]: r for r in read_records(path) if "loss" in r} if path.exists() else {}
 
 
 def wait_until(cond, ranks, what: str, bound: float = BOUND_S) -> None:

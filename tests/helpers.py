@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from bert import BertConfig
+from common import processes
 from trainer import precision
+from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # What this machine trains the shipped JSONs' fp16 request in (bf16 where the CPU has it natively, else fp32):
@@ -69,9 +69,7 @@ class Procs:
     def start(self, cmd, log: Path, *, env=None, cwd=REPO) -> subprocess.Popen:
         log = Path(log)
         out, err = log.with_suffix(log.suffix + ".out"), log.with_suffix(log.suffix + ".err")
-        with open(out, "w") as fo, open(err, "w") as fe:
-            p = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd, stdout=fo, stderr=fe,
-                                 start_new_session=True)
+        p = processes.start(cmd, out, err, env=env, cwd=cwd)
         self.started.append((p, out, err))
         return p
 
@@ -82,14 +80,10 @@ class Procs:
         raise KeyError(p)
 
     def wait(self, procs: list[subprocess.Popen], timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                tails = "\n".join(f"--- {' '.join(map(str, q.args))[:200]}\n{self._tail(q)}" for q in procs)
-                self.kill_all()
-                pytest.fail(f"timed out after {timeout:.0f}s; killed the process groups. Logs:\n{tails}")
+        if not processes.wait_all(procs, timeout):
+            tails = "\n".join(f"--- {' '.join(map(str, q.args))[:200]}\n{self._tail(q)}" for q in procs)
+            self.kill_all()
+            pytest.fail(f"timed out after {timeout:.0f}s; killed the process groups. Logs:\n{tails}")
         return [p.returncode for p in procs]
 
     def run(self, cmd, log: Path, *, env=None, cwd=REPO, timeout: float = 600, expect: int | None = 0) -> Result:
@@ -108,17 +102,7 @@ class Procs:
 
     def kill_all(self) -> None:
         for p, _, _ in self.started:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-            else:  # the leader is gone; its group (ranks, workers) may not be
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            processes.stop_group(p)  # also when the leader is gone: its group (ranks, workers) may not be
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,14 +163,7 @@ def write_run(tmp, shards, out, model=None, data=None, **train) -> str:
 
 def train_records(out) -> dict:
     """step -> the training record of metrics.jsonl in a run folder."""
-    import json
-
-    recs = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
+    return {r["step"]: r for r in read_records(Path(out) / "metrics.jsonl") if "loss" in r}
 
 
 def damage(root, name, kind):

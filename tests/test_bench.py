@@ -1,4 +1,4 @@
-"""The benchmark harness runs end to end and its arithmetic is right (speed itself is never asserted)."""
+"""The benchmarks run end to end and its arithmetic is right (speed itself is never asserted)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import harness as bench
+from benchmarks import report, steps
 from bert import BertConfig
 from trainer import cpu, metrics
 
@@ -26,11 +26,33 @@ def run_bench(args, tmp_path, name):
 def test_synthetic_batch_follows_googles_prediction_count():
     cfg = BertConfig.preset("tiny")
     for seq, max_pred, expect in [(128, 20, 19), (512, 80, 77), (32, 5, 5)]:
-        b = bench.synthetic_batch(cfg, 3, seq, max_pred)
+        b = steps.synthetic_batch(cfg, 3, seq, max_pred)
         assert b["input_ids"].shape == (3, seq) and b["masked_lm_positions"].shape == (3, max_pred)
         assert b["masked_lm_weights"].sum(1).tolist() == [expect] * 3
         pos = b["masked_lm_positions"][:, :expect]
         assert (pos >= 1).all() and (pos <= seq - 2).all()  # never [CLS] (0) or the final [SEP]
+
+
+def test_machine_facts_describe_this_machine_for_benchmarks_and_the_gpu_kit():
+    import torch
+
+    from trainer import precision
+
+    facts = report.machine_facts(torch.device("cpu"))
+    assert facts["kind"] == "cpu" and facts["torch"] == torch.__version__ and facts["cores"] == os.cpu_count()
+    assert facts["cpu_isa"] == precision.cpu_facts().detail and f"({facts['cpu_isa']})" in facts["device"]
+    assert facts["deepspeed"] and facts["cpu"] and "gpu" not in facts  # GPU properties only for a GPU
+    assert facts["git_commit"] is None or len(facts["git_commit"]) == 40
+    json.dumps(facts)  # it goes into every result file as it is
+
+
+def test_table_and_json_of_a_result(tmp_path, capsys):
+    report.print_table([{"k": 1.5, "name": "a"}, {"k": None, "name": "long name"}], [("name", "{}"), ("k", "{:.2f}")])
+    assert capsys.readouterr().out.splitlines() == ["     name     k", "        a  1.50", "long name     -"]
+    res = {"cmd": "peak", "x": [1]}
+    assert report.write_result(res, str(tmp_path / "d" / "r.json")) == str(tmp_path / "d" / "r.json")
+    assert json.loads((tmp_path / "d" / "r.json").read_text()) == res
+    assert report.write_result(res, "-") == "-" and json.loads(capsys.readouterr().out) == res
 
 
 @pytest.mark.integration  # runs launcher/bench.py
@@ -50,7 +72,7 @@ def test_train_compares_the_implementations(tmp_path):
     counts = res["counts"]
     assert counts == {"tokens": 64.0, "predictions": 10.0, "sequences": 2.0, "seq_len": 32}
     cfg = BertConfig.preset("tiny")
-    fc = metrics.flop_counts(bench._meta_model(cfg))
+    fc = metrics.flop_counts(steps.meta_model(cfg))
     assert res["flops_per_step"] == pytest.approx(metrics.step_flops(fc, 64, 10, 2, 32))
     for r in res["results"]:
         assert len(r["times"]) == 2 and r["step_s"] > 0
@@ -99,7 +121,7 @@ def test_project_sums_both_phases_beside_the_published_anchors(tmp_path):
     assert a100["phase1_h"] == pytest.approx(0.9e6 * 256 / 580 / 3600)  # ~110 h
     assert a100["phase2_h"] == pytest.approx(0.1e6 * 256 / 78 / 3600)  # ~91 h
     v100 = next(r for r in res["anchors"] if r["device"] == "V100")  # 64 TFLOPS / our FLOPs per sequence
-    fc = metrics.flop_counts(bench._meta_model(BertConfig.preset("large")))
+    fc = metrics.flop_counts(steps.meta_model(BertConfig.preset("large")))
     assert v100["samples_per_s_128"] == pytest.approx(64e12 / metrics.step_flops(fc, 128, 19, 1, 128))
     assert [r["seq"] for r in res["phases"]] == [128, 512]  # the real-batch result is not projected
     (run,) = res["paper_run"]

@@ -19,6 +19,7 @@ from data.tokenizer import load_tokenizer
 from helpers import CPU_PRECISION
 from trainer.checkpoint import _check_against_module, load_run, read_model_states
 from trainer.errors import CheckpointError
+from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = str(REPO / "launcher" / "evaluate.py")
@@ -36,8 +37,7 @@ def run_cli(script, *args, expect=0):
 
 
 def last_validation(run_dir):
-    recs = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
-    vals = [r for r in recs if "val/mlm_loss" in r]
+    vals = [r for r in read_records(Path(run_dir, "metrics.jsonl")) if "val/mlm_loss" in r]
     assert vals, "the run logged no validation"
     return vals[-1]
 

@@ -76,3 +76,16 @@ def test_read_yaml_is_safe_and_strict(tmp_path):
     p.write_text("- 1\n")
     with pytest.raises(UserError, match="mapping, not list"):
         files.read_yaml(p, "config")
+
+
+def test_read_jsonl_is_strict_unless_a_cut_last_line_is_allowed(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"b": 2}\n{"c": ')  # a blank line, then a last line without its newline
+    with pytest.raises(UserError, match=r"rows.jsonl: line 4: not valid JSON"):
+        files.read_jsonl(p)  # user data: a cut line is an error, never a silently shorter file
+    assert files.read_jsonl(p, cut_last_ok=True) == [{"a": 1}, {"b": 2}]
+    p.write_text('{"a": 1}\n"text"\n')
+    with pytest.raises(UserError, match=r"line 2: expected a JSON object per line, not str"):
+        files.read_jsonl(p)
+    with pytest.raises(UserError, match=r"gone.jsonl: rows not found"):
+        files.read_jsonl(tmp_path / "gone.jsonl", "rows")

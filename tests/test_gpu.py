@@ -23,6 +23,7 @@ import torch
 from bert import BertConfig, BertForPreTraining, BertModel
 from bert.model import sdpa_attention
 from helpers import REPO, base_env, make_batch, tiny_config, write_ds, write_run
+from trainer.metrics import read_records
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False); "
@@ -285,7 +286,7 @@ def test_launcher_stops_when_the_fp16_scale_collapses(train_shards, tmp_path):
     tags = checkpoint.list_tags(str(out / "checkpoints"))
     assert "fp16 loss scale collapsed: 3 consecutive overflow steps at the minimum loss scale 1.0" in p.stderr
     assert f"last good checkpoint: {out / 'checkpoints' / tags[-1]}" in p.stderr
-    recs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss_scale"' in line]
+    recs = [r for r in read_records(out / "metrics.jsonl") if "loss_scale" in r]
     assert recs and all(r["loss_scale"] == 1.0 for r in recs) and recs[-1]["skipped_steps"] >= 2
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import REPO, base_env, start_ranks, write_ds, write_run
+from helpers import REPO, base_env, start_ranks, train_records, write_ds, write_run
 from trainer.dist import free_port
 
 pytestmark = pytest.mark.integration
@@ -30,8 +30,7 @@ def wait_for(cond, what, ranks, timeout=300):
 
 
 def logged_steps(out):
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if '"loss"' in ln] if path.exists() else []
+    return sorted(train_records(out)) if (Path(out) / "metrics.jsonl").exists() else []
 
 
 def test_drill_one_signal_to_one_rank_stops_with_a_checkpoint_and_resumes_exactly(train_shards, tmp_path, procs):

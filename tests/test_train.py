@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from trainer import checkpoint, precision, schedule
+from trainer.metrics import read_records
 
 from helpers import CPU_PRECISION, REPO, base_env, train_records, write_ds, write_run
 
@@ -75,7 +76,7 @@ def wait_all(procs, ranks):
 
 
 def val_records(out):
-    return {r["step"]: r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "val/mlm_loss" in r}
+    return {r["step"]: r for r in read_records(Path(out) / "metrics.jsonl") if "val/mlm_loss" in r}
 
 
 def wait_for_checkpoint(out, ranks, tag):

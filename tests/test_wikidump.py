@@ -283,7 +283,7 @@ def test_damaged_plain_dump_and_bad_index_are_errors(tmp_path):
 
 
 def test_wikidump_benchmark_prints_a_table_and_writes_json(tmp_path, capsys):
-    from benchmarks.harness import main as bench_main
+    from benchmarks.cli import main as bench_main
 
     assert bench_main(["wikidump", "--pages", "60", "--workers", "1", "--json", str(tmp_path / "w.json")]) == 0
     out = capsys.readouterr().out

@@ -113,21 +113,8 @@ def _read_rows(path: str) -> tuple[list[dict], list[str]]:
                                         f"header has {len(columns)}")
             return rows, columns
         if ext in (".jsonl", ".json"):
-            rows, columns = [], []
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FinetuneError(f"{path}: line {n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise FinetuneError(f"{path}: line {n}: expected a JSON object per line")
-                for k in row:
-                    if k not in columns:
-                        columns.append(k)
-                rows.append(row)
-            return rows, columns
+            rows = files.read_jsonl(path, "data file")
+            return rows, list(dict.fromkeys(k for row in rows for k in row))  # columns in order of appearance
     raise FinetuneError(f"{path}: unknown file type {ext!r}; expected .csv, .tsv or .jsonl")
 
 

@@ -210,3 +210,13 @@ def format_examples(tokenizer, input_ids, positions, targets, predictions, weigh
         blocks.append(f"**Input:** {' '.join(shown)}\n\n**Target:** {' '.join(tgt)}\n\n"
                       f"**Predicted:** {' '.join(pred)}")
     return "\n\n---\n\n".join(blocks)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in file order: the one reader of what ``MetricsWriter`` writes.
+
+    A last line without its newline that does not parse is a record cut by a kill mid-write (or one still being
+    written while a run is watched): it is left out, as the writer itself sets such a line aside on the next
+    start. Any other line that is not a JSON object is damage, a UserError naming the file and the line; so
+    is a missing file (callers that watch a run starting check that it exists)."""
+    return files.read_jsonl(path, "metrics file", cut_last_ok=True)
