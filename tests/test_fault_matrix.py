@@ -1230,13 +1230,8 @@ def sigrow_until(cond, procs, launcher, what: str) -> None:
 
 
 def sigrow_records(out: Path) -> dict:
-    path = out / "metrics.jsonl"
-    recs = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        r = json.loads(line)
-        if "loss" in r:
-            recs[r["step"]] = r
-    return recs
+    """step -> training record of a run that may still be writing (none yet: {})."""
+    return train_records(out) if (out / "metrics.jsonl").exists() else {}
 
 
 def sigrow_rank(launcher, rank: int) -> psutil.Process:

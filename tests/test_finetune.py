@@ -20,6 +20,7 @@ from helpers import CPU_PRECISION, base_env
 from trainer.dist import free_port
 from trainer.errors import FinetuneError
 from trainer.finetune import Columns, collate, dev_batches, encode_split, load_classifier, load_local_task, train_batches
+from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = str(REPO / "launcher" / "finetune.py")
@@ -72,10 +73,6 @@ def run_finetune(*args, expect=0):
                        timeout=400)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-5000:]}"
     return p
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @torch.no_grad()
@@ -179,7 +176,7 @@ def test_finetune_learns_the_task_saves_best_and_exports_hf(eval_run, task_files
     assert f"fp16 -> {CPU_PRECISION}" in p.stderr  # fp16 in finetune.json switched on CPU, as in pretraining
     assert "best" in p.stdout and "ep3" in p.stdout  # the final table
 
-    recs = read_jsonl(out / "metrics.jsonl")
+    recs = read_records(out / "metrics.jsonl")
     epochs = [r for r in recs if "dev/accuracy" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert [r["dev/accuracy"] for r in epochs] == run["dev_accuracy"]
@@ -235,7 +232,7 @@ def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path, 
     run = summary["runs"][0]
     assert run["batch_size"] == 32  # micro 16 x 2 ranks
     assert run["steps"] == 2 * (160 // 16)  # 320 examples / 2 ranks = 160 per rank per epoch
-    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if "dev/accuracy" in r]
+    epochs = [r for r in read_records(out / "metrics.jsonl") if "dev/accuracy" in r]
     assert [r["dev/examples"] for r in epochs] == [100, 100]  # disjoint shards, padding not counted
     model, tok, info = load_classifier(str(out / "best"))
     task = load_local_task(task_files["train"], task_files["dev"], Columns())
@@ -255,7 +252,7 @@ def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files
     for r in summary["runs"]:
         assert Path(r["out"]).name == f"lr_{r['lr']:g}"
         assert (Path(r["out"]) / "best" / "model.safetensors").is_file()
-        assert read_jsonl(Path(r["out"]) / "metrics.jsonl")[0]["lr_peak"] == r["lr"]
+        assert read_records(Path(r["out"]) / "metrics.jsonl")[0]["lr_peak"] == r["lr"]
     assert summary == json.loads((out / "summary.json").read_text())
     assert p.stdout.count("e-05") >= 3  # one table row per learning rate
 
