@@ -233,7 +233,7 @@ def test_shard_check_shows_both_sides():
         check_shards(manifest, "x", BertConfig.preset("tiny", vocab_size=1000), 2)
 
 
-def test_metrics_writer_truncates_after_resume_step(tmp_path):
+def test_metrics_writer_sets_lines_after_the_resume_step_aside(tmp_path):
     from trainer.metrics import MetricsWriter
 
     w = MetricsWriter(str(tmp_path), enabled=True)
@@ -249,6 +249,9 @@ def test_metrics_writer_truncates_after_resume_step(tmp_path):
     w.close()
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    (aside,) = (tmp_path / "earlier").glob("*/metrics.jsonl")  # nothing deleted: steps 4-6 and the cut line
+    moved = aside.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in moved[:3]] == [4, 5, 6] and moved[3] == '{"step": 7, "lo'
     assert os.path.isdir(tmp_path / "tensorboard")
 
 
