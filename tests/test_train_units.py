@@ -349,7 +349,8 @@ def test_jit_ops_are_built_per_virtualenv_unless_the_user_chose_a_folder():
 def test_resume_accepts_one_tag_folder_of_any_zero_stage(tmp_path):
     """train.resume / train.init_from may name one tag folder; ZeRO-3 writes zero_pp_rank_0_mp_rank_00_model_states.pt
     there instead of mp_rank_00_model_states.pt (found by scripts/gpu_check.sh's ZeRO-3 resume)."""
-    from trainer.checkpoint import MODEL_STATES, ZERO3_MODEL_STATES, resolve_resume
+    from trainer.checkpoint import resolve_resume
+    from trainer.checkpoint_files import MODEL_STATES, ZERO3_MODEL_STATES
     from trainer.errors import ConfigError
 
     for name in (MODEL_STATES, ZERO3_MODEL_STATES):
