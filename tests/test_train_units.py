@@ -281,7 +281,7 @@ def test_cli_flags_are_pinned():
 # CPU Adam kernel state across a resume
 
 _ADAM_SCRIPT = r"""
-import sys, types, torch
+import sys, torch
 from deepspeed.ops.adam import FusedAdam
 from trainer import cpu
 mode, d = sys.argv[1], sys.argv[2]
@@ -302,7 +302,7 @@ elif mode == "first":
 else:  # a new process = a fresh C++ kernel object, as after a requeue
     p.data.copy_(torch.load(d + "/first_p.pt")); q.data.copy_(torch.load(d + "/first_q.pt"))
     opt.load_state_dict(torch.load(d + "/opt.pt"))
-    replayed = cpu.replay_adam_bias_correction(types.SimpleNamespace(optimizer=opt)) if mode == "replay" else 0
+    replayed = cpu.replay_adam_bias_correction(opt) if mode == "replay" else 0
     print("replayed", replayed)
     steps(5, 9)
 torch.save(p.data, d + "/" + mode + "_p.pt"); torch.save(q.data, d + "/" + mode + "_q.pt")

@@ -152,8 +152,9 @@ class Checkpointer:
         self.check(client, resume.path)
         if engine.device.type == "cpu":
             from trainer import cpu
+            from trainer.engine import base_optimizer
 
-            cpu.replay_adam_bias_correction(engine)  # else the first resumed update differs by ~1 ulp
+            cpu.replay_adam_bias_correction(base_optimizer(engine))  # else the first resumed update differs by ~1 ulp
         rank, _ = dist.rank_world()
         self.last_saved = os.path.join(resume.load_dir, resume.tag.removesuffix(UNIVERSAL))
         rngs, states = client["rng"], client["data_state"]
