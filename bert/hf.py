@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common import files
+from common.tokenizer_spec import lowercases
 from bert.config import BertConfig
 from bert.model import BertForPreTraining, BertForSequenceClassification, BertModel
 
@@ -294,20 +295,6 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
                   "cls_token": "[CLS]", "mask_token": "[MASK]"}
 
 
-def _find_lowercase(normalizer) -> bool | None:
-    """BertNormalizer's `lowercase`, or Lowercase inside a Sequence; None when there is no such step."""
-    if not normalizer:
-        return None
-    if normalizer.get("type") == "BertNormalizer":
-        return bool(normalizer.get("lowercase", True))
-    if normalizer.get("type") == "Lowercase":
-        return True
-    if normalizer.get("type") == "Sequence":
-        found = [_find_lowercase(n) for n in normalizer.get("normalizers", [])]
-        return any(found) if any(f is not None for f in found) else None
-    return None
-
-
 def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
                        do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
     """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
@@ -328,7 +315,7 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
         if [i for _, i in by_id] != list(range(len(by_id))):
             raise ValueError(f"{tok_json}: vocabulary ids are not 0..{len(by_id) - 1} without gaps")
         vocab = [t for t, _ in by_id]
-        lowercase = _find_lowercase(spec.get("normalizer"))
+        lowercase = lowercases(spec.get("normalizer"))
     elif os.path.isfile(vocab_txt):
         with open(vocab_txt, encoding="utf-8") as f:
             vocab = [line.rstrip("\n") for line in f]
