@@ -1,4 +1,5 @@
-"""The import graph of the project's packages has no cycles, between modules or between rooms (docs/architecture.md).
+"""The import graph of the project's packages has no cycles, and its rooms are layered as docs/architecture.md
+draws them.
 
 grimp (the graph builder import-linter uses) reads every import statement, those inside functions too, so a
 lazy import that closes a loop counts as much as a top-level one. scripts/ and tests/ are not packages:
@@ -46,7 +47,7 @@ def _describe(graph, loop: list[str]) -> str:
     steps = []
     for a, b in zip(loop, loop[1:]):
         where = graph.get_import_details(importer=a, imported=b)
-        lines = ", ".join(f"line {d['line_number']}" for d in where) or "via a package __init__"
+        lines = ", ".join(f"line {d['line_number']}" for d in where) or "line unknown"
         steps.append(f"  {a} imports {b} ({lines})")
     return " -> ".join(loop) + "\n" + "\n".join(steps)
 
@@ -62,12 +63,21 @@ def test_modules_import_each_other_without_cycles():
     _assert_acyclic(_graph(), "modules")
 
 
-def test_rooms_depend_one_way():
-    """The same with each package squashed into one node: a room never needs a room that needs it."""
-    graph = _graph()
-    for room in ROOMS:
-        graph.squash_module(room)
-    _assert_acyclic(graph, "rooms")
+def _route(route) -> str:
+    return " -> ".join([" | ".join(sorted(route.heads)), *route.middle, " | ".join(sorted(route.tails))])
+
+
+def test_rooms_are_layered_as_documented():
+    """docs/architecture.md's order: common <- bert, data (independent) <- trainer <- benchmarks <- launcher.
+    A lower room importing a higher one is named with its chain of imports."""
+    import grimp
+
+    layers = ["launcher", "benchmarks", "trainer", grimp.Layer("bert", "data", independent=True), "common"]
+    illegal = _graph().find_illegal_dependencies_for_layers(layers=layers)
+    if illegal:
+        pytest.fail("imports against the layers of docs/architecture.md:\n" + "\n".join(
+            f"  {d.importer} imports {d.imported}: " + "; ".join(sorted(_route(r) for r in d.routes))
+            for d in sorted(illegal, key=lambda d: (d.importer, d.imported))), pytrace=False)
 
 
 def test_a_cycle_is_named():
