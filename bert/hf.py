@@ -295,12 +295,9 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
                   "cls_token": "[CLS]", "mask_token": "[MASK]"}
 
 
-def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
-                       do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
-    """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
-    special_tokens_map.json, so `AutoTokenizer.from_pretrained(out_dir)` is a BERT WordPiece tokenizer
-    with the same ids. Needs tokenizer.json (WordPiece) or vocab.txt (one token per line, id order)."""
-    tokenizer_dir = os.fspath(tokenizer_dir)
+def _read_tokenizer_dir(tokenizer_dir: str) -> tuple[list[str], bool | None]:
+    """(vocabulary in id order, whether it lowercases) of tokenizer_dir: tokenizer.json's WordPiece vocabulary
+    and normaliser, else vocab.txt with tokenizer_config.json's do_lower_case (None when that is absent too)."""
     tok_json = os.path.join(tokenizer_dir, "tokenizer.json")
     vocab_txt = os.path.join(tokenizer_dir, "vocab.txt")
     src_config = os.path.join(tokenizer_dir, "tokenizer_config.json")
@@ -331,6 +328,17 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
     if lowercase is None and os.path.isfile(src_config):
         with open(src_config, encoding="utf-8") as f:
             lowercase = json.load(f).get("do_lower_case")
+    return vocab, lowercase
+
+
+def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
+                       do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
+    """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
+    special_tokens_map.json, so `AutoTokenizer.from_pretrained(out_dir)` is a BERT WordPiece tokenizer
+    with the same ids. Needs tokenizer.json (WordPiece) or vocab.txt (one token per line, id order)."""
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    tok_json = os.path.join(tokenizer_dir, "tokenizer.json")
+    vocab, lowercase = _read_tokenizer_dir(tokenizer_dir)
     if do_lower_case is not None:
         lowercase = do_lower_case
     if lowercase is None:
