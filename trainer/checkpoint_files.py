@@ -60,9 +60,9 @@ def step_of(tag: str) -> int:
 
 def _allowed_globals() -> list:
     """The non-torch objects a checkpoint of this project may hold: DeepSpeed's loss scalers, its ZeRO stage
-    enum and the fragment addresses of its flat optimizer partitions, and (in checkpoints written before the
-    RNG states became plain lists) the three names NumPy arrays are rebuilt from. None of them runs code
-    of the file's choosing: each only sets attributes or rebuilds an array of a plain dtype."""
+    enum and the fragment addresses of its flat optimizer partitions, and (in checkpoints that hold the NumPy
+    RNG state as an array rather than a list) the three names NumPy arrays are rebuilt from. None of them runs
+    code of the file's choosing: each only sets attributes or rebuilds an array of a plain dtype."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -142,9 +142,9 @@ def _read_latest(ckpt_dir: str) -> tuple[Optional[str], str]:
     return text, f"names {text}"
 
 
-def _legacy_problem(tag_dir: str) -> Optional[str]:
-    """A tag written before completion markers existed is taken as complete when rank 0's model states are
-    readable and every data-parallel rank's ZeRO file (world_size of its client state) is there and readable."""
+def _unmarked_problem(tag_dir: str) -> Optional[str]:
+    """A tag without a completion marker is taken as complete when rank 0's model states are readable and
+    every data-parallel rank's ZeRO file (world_size of its client state) is there and readable."""
     try:
         client = read_client_state(os.path.dirname(tag_dir), os.path.basename(tag_dir))
         check_folder_trusted(tag_dir)
@@ -160,10 +160,10 @@ def _legacy_problem(tag_dir: str) -> Optional[str]:
 
 def tag_problem(tag_dir: str) -> Optional[str]:
     """None when ``tag_dir`` is a complete checkpoint: its marker lists every file at its size (or, without a
-    marker, _legacy_problem finds nothing); otherwise what is wrong, in words."""
+    marker, _unmarked_problem finds nothing); otherwise what is wrong, in words."""
     marker = os.path.join(tag_dir, MARKER)
     if not os.path.isfile(marker):
-        return _legacy_problem(tag_dir)
+        return _unmarked_problem(tag_dir)
     try:
         listed = files.read_json(marker, "checkpoint completion marker")["files"]
         listed = {str(k): int(v) for k, v in listed.items()}

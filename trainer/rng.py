@@ -32,7 +32,7 @@ def set_state(saved: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(saved["python"])
-    np.random.set_state(tuple(saved["numpy"]))  # keys: a list (or an array in older checkpoints)
+    np.random.set_state(tuple(saved["numpy"]))  # keys: a list, or an array where a checkpoint holds one
     torch.set_rng_state(saved["torch"])
     if "accelerator" in saved:
         get_accelerator().set_rng_state(saved["accelerator"])
