@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common import files
+from common.tokenizer_spec import lowercases
 from bert.config import BertConfig
 from bert.model import BertForPreTraining, BertForSequenceClassification, BertModel
 
@@ -294,26 +295,9 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
                   "cls_token": "[CLS]", "mask_token": "[MASK]"}
 
 
-def _find_lowercase(normalizer) -> bool | None:
-    """BertNormalizer's `lowercase`, or Lowercase inside a Sequence; None when there is no such step."""
-    if not normalizer:
-        return None
-    if normalizer.get("type") == "BertNormalizer":
-        return bool(normalizer.get("lowercase", True))
-    if normalizer.get("type") == "Lowercase":
-        return True
-    if normalizer.get("type") == "Sequence":
-        found = [_find_lowercase(n) for n in normalizer.get("normalizers", [])]
-        return any(found) if any(f is not None for f in found) else None
-    return None
-
-
-def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
-                       do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
-    """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
-    special_tokens_map.json, so `AutoTokenizer.from_pretrained(out_dir)` is a BERT WordPiece tokenizer
-    with the same ids. Needs tokenizer.json (WordPiece) or vocab.txt (one token per line, id order)."""
-    tokenizer_dir = os.fspath(tokenizer_dir)
+def _read_tokenizer_dir(tokenizer_dir: str) -> tuple[list[str], bool | None]:
+    """(vocabulary in id order, whether it lowercases) of tokenizer_dir: tokenizer.json's WordPiece vocabulary
+    and normaliser, else vocab.txt with tokenizer_config.json's do_lower_case (None when that is absent too)."""
     tok_json = os.path.join(tokenizer_dir, "tokenizer.json")
     vocab_txt = os.path.join(tokenizer_dir, "vocab.txt")
     src_config = os.path.join(tokenizer_dir, "tokenizer_config.json")
@@ -328,7 +312,7 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
         if [i for _, i in by_id] != list(range(len(by_id))):
             raise ValueError(f"{tok_json}: vocabulary ids are not 0..{len(by_id) - 1} without gaps")
         vocab = [t for t, _ in by_id]
-        lowercase = _find_lowercase(spec.get("normalizer"))
+        lowercase = lowercases(spec.get("normalizer"))
     elif os.path.isfile(vocab_txt):
         with open(vocab_txt, encoding="utf-8") as f:
             vocab = [line.rstrip("\n") for line in f]
@@ -344,6 +328,17 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
     if lowercase is None and os.path.isfile(src_config):
         with open(src_config, encoding="utf-8") as f:
             lowercase = json.load(f).get("do_lower_case")
+    return vocab, lowercase
+
+
+def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, config: BertConfig, *,
+                       do_lower_case: bool | None = None, fingerprint: str | None = None) -> None:
+    """Copy tokenizer.json / vocab.txt from tokenizer_dir and write tokenizer_config.json and
+    special_tokens_map.json, so `AutoTokenizer.from_pretrained(out_dir)` is a BERT WordPiece tokenizer
+    with the same ids. Needs tokenizer.json (WordPiece) or vocab.txt (one token per line, id order)."""
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    tok_json = os.path.join(tokenizer_dir, "tokenizer.json")
+    vocab, lowercase = _read_tokenizer_dir(tokenizer_dir)
     if do_lower_case is not None:
         lowercase = do_lower_case
     if lowercase is None:

@@ -26,7 +26,6 @@ import argparse
 import collections
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -497,11 +496,6 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "merge":
-        from data.merge import main as merge_main
-
-        return merge_main(argv[1:])
     return run_main(_main, argv)
 
 

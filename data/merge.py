@@ -1,6 +1,6 @@
 """Merge per-slice builds into one shard folder.
 
-    python -m data.merge OUT_DIR PART_DIR [PART_DIR ...]      (also: python -m data.build merge ...)
+    python -m data.merge OUT_DIR PART_DIR [PART_DIR ...]
 
 Each PART_DIR is a finished ``python -m data.build --num-slices N --slice-index I`` build. All N
 slices must be given once, with the same settings and tokenizer. Shards are moved (renamed) into

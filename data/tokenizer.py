@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from common import files
 from common.errors import DataError, run_main
+from common.tokenizer_spec import lowercases
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first => pad id 0
 META_FILE = "tokenizer_meta.json"
@@ -144,8 +145,7 @@ class BertTokenizer:
 
     @property
     def lowercase(self) -> bool:
-        norm = json.loads(self.tokenizer.to_str()).get("normalizer") or {}
-        return bool(norm.get("lowercase", False))
+        return lowercases(json.loads(self.tokenizer.to_str()).get("normalizer"))
 
 
 

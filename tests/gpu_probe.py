@@ -102,7 +102,7 @@ def host(ckpt_dir: str) -> dict:
     from torch import nn
 
     from bert.model import sdpa_attention
-    from trainer import checkpoint, dist
+    from trainer import checkpoint, dist, rng
 
     dist.init()
     resolved, model, engine, batch = _engine(None)
@@ -110,7 +110,7 @@ def host(ckpt_dir: str) -> dict:
     meta = {"tokenizer_fingerprint": "probe", "max_seq_len": batch["input_ids"].shape[1],
             "model_config": model.config.to_dict()}
     ckpt = checkpoint.Checkpointer(ckpt_dir, keep=1, meta=meta)
-    state = {"step": 1, "samples_seen": 4, "tokens_seen": 0, "data_state": {}, "rng": checkpoint.rng_state()}
+    state = {"step": 1, "samples_seen": 4, "tokens_seen": 0, "data_state": {}, "rng": rng.state()}
     path = ckpt.save(engine, state)
     ckpt.load(engine, ckpt.plan((ckpt_dir, os.path.basename(path))))
     from deepspeed.accelerator import get_accelerator

@@ -14,7 +14,7 @@ import pytest
 
 from data import shards as ds
 from helpers import damage, start_ranks, train_records, write_ds, write_run
-from trainer.checkpoint import list_tags, tag_for
+from trainer.checkpoint_files import list_tags, tag_for
 
 pytestmark = pytest.mark.integration
 KINDS = ["cut_0.1%", "cut_half", "zero_byte", "missing", "garbage_member"]  # shards 0-4; shard 5 stays sound

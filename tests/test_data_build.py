@@ -355,15 +355,15 @@ def test_slices_merge_to_exactly_the_slice_examples(tmp_path, data_corpus, data_
 
 
 def test_merge_cli(tmp_path, data_corpus, data_tokenizer, data_build_settings, capsys):
-    from data.build import main as build_main
+    from data.merge import main as merge_main
 
     kw = dataclasses.replace(data_build_settings, dupe_factor=1)
     for i in range(2):
         build([data_corpus], data_tokenizer, str(tmp_path / f"p{i}"),
               dataclasses.replace(kw, num_slices=2, slice_index=i), workers=1, progress=False)
-    assert build_main(["merge", str(tmp_path / "m"), str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
+    assert merge_main([str(tmp_path / "m"), str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
     assert shards.read_manifest(str(tmp_path / "m"))["settings"]["merged_slices"] == 2
-    assert build_main(["merge", str(tmp_path / "m2"), str(tmp_path / "nope")]) == 2
+    assert merge_main([str(tmp_path / "m2"), str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
 
 

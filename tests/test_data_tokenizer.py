@@ -124,3 +124,42 @@ def test_cli_trains_and_reports_errors(data_corpus, tmp_path, capsys):
     assert main(["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "t3")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nope.txt" in err
+
+
+@pytest.mark.parametrize("normalizer, expected", [
+    (None, False),
+    ({"type": "BertNormalizer", "lowercase": False}, False),
+    ({"type": "BertNormalizer"}, True),  # tokenizers' and transformers' default
+    ({"type": "Lowercase"}, True),
+    ({"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Lowercase"}, {"type": "StripAccents"}]}, True),
+    ({"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"}]}, False),
+    ({"type": "NFKC"}, False),
+])
+def test_lowercase_rule(normalizer, expected):
+    from common.tokenizer_spec import lowercases
+
+    assert lowercases(normalizer) is expected
+
+
+def test_loaded_tokenizer_and_hf_export_agree_on_a_sequence_normaliser(tmp_path):
+    """A tokenizer.json whose normaliser lowercases inside a Sequence (no ``lowercase`` key anywhere): the
+    loaded tokenizer and the exported tokenizer_config.json both say it lowercases, as the ids show."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from bert import BertConfig
+    from bert.hf import write_hf_tokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.tokenizer.encode("HELLO World").tokens == ["hello", "world"]
+    assert loaded.lowercase is True
+    write_hf_tokenizer(str(tmp_path / "tok"), str(tmp_path / "hf"), BertConfig(vocab_size=len(vocab)))
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["do_lower_case"] is True

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, start_ranks, train_records, write_run
-from trainer.checkpoint import UNIVERSAL, tag_for, universal_complete
+from trainer.checkpoint import UNIVERSAL, universal_complete
+from trainer.checkpoint_files import tag_for
 
 pytestmark = pytest.mark.integration
 PRETRAIN = str(REPO / "launcher" / "pretrain.py")

@@ -17,7 +17,8 @@ import torch
 
 from data.tokenizer import load_tokenizer
 from helpers import CPU_PRECISION
-from trainer.checkpoint import _check_against_module, load_run, read_model_states
+from trainer.checkpoint_files import read_model_states
+from trainer.checkpoint_read import _check_against_module, load_run
 from trainer.errors import CheckpointError
 from trainer.metrics import read_records
 

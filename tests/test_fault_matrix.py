@@ -245,7 +245,7 @@ def ckf_finetune(c: CkfCase):
 
 def ckf_init_from_in_process(c: CkfCase):
     from bert import BertConfig, BertForPreTraining
-    from trainer.checkpoint import load_weights
+    from trainer.checkpoint_read import load_weights
 
     model = BertForPreTraining(BertConfig.from_dict(json.loads((c.run / "model_config.json").read_text())))
     return Loaded(f"step_{load_weights(model, str(c.ckpt))['step']:07d}")
@@ -258,7 +258,7 @@ import builtins, errno, os, signal, sys
 import torch
 from bert import BertConfig, BertForPreTraining
 from common.errors import UserError
-from trainer import checkpoint, dist
+from trainer import checkpoint, dist, rng
 from trainer.engine import build_engine
 
 mode, ckpt_dir = sys.argv[1], sys.argv[2]
@@ -272,7 +272,7 @@ meta = {"tokenizer_fingerprint": "ckf", "max_seq_len": 32, "model_config": cfg.t
 ckpt = checkpoint.Checkpointer(ckpt_dir, 2, meta)
 
 def state(step):
-    return {"step": step, "samples_seen": step, "tokens_seen": step, "rng": checkpoint.rng_state(),
+    return {"step": step, "samples_seen": step, "tokens_seen": step, "rng": rng.state(),
             "data_state": {"epoch": 0, "sample_in_epoch": step}}
 
 def names_latest(path):

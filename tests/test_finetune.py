@@ -288,7 +288,7 @@ def test_hf_dir_model_carries_the_pretraining_fingerprint(eval_run, train_shards
     pretraining fingerprint); the untouched export loads with the same fingerprint as the run."""
     import shutil
 
-    from trainer.checkpoint import load_pretrained
+    from trainer.checkpoint_read import load_pretrained
     from trainer.errors import CheckpointError
 
     hf = tmp_path / "hf"

@@ -271,7 +271,7 @@ def test_launcher_stops_when_the_fp16_scale_collapses(train_shards, tmp_path):
     """launcher/pretrain.py with the scale pinned at its minimum (2^0 = min_loss_scale 1) and an lr that turns
     the weights into inf: every later step overflows; after train.max_nonfinite of them at the minimum the run
     exits 3 naming the last good checkpoint. Its log has the CUDA fp16 line and none of trainer/cpu.py's."""
-    from trainer import checkpoint
+    from trainer import checkpoint_files
 
     ds = write_ds(tmp_path, micro=4, lr=1e30, clip=0.0)
     out = tmp_path / "run"
@@ -283,7 +283,7 @@ def test_launcher_stops_when_the_fp16_scale_collapses(train_shards, tmp_path):
     assert p.returncode == 3, log[-5000:]
     assert "cuda: fp16 with dynamic loss scaling" in p.stdout
     assert not [line for line in CPU_LINES if line in log]
-    tags = checkpoint.list_tags(str(out / "checkpoints"))
+    tags = checkpoint_files.list_tags(str(out / "checkpoints"))
     assert "fp16 loss scale collapsed: 3 consecutive overflow steps at the minimum loss scale 1.0" in p.stderr
     assert f"last good checkpoint: {out / 'checkpoints' / tags[-1]}" in p.stderr
     recs = [r for r in read_records(out / "metrics.jsonl") if "loss_scale" in r]

@@ -120,7 +120,7 @@ def max_step(metrics: Path) -> int:
 
 def assert_same_run(got: dict, ref: dict, steps: int, what: str) -> None:
     """Every step's batch keys and numbers equal the uninterrupted run's, bit for bit: same batches, dropout
-    masks and optimizer state (incl. the CPU Adam kernel's beta^t, trainer/checkpoint.replay_adam_bias_correction)."""
+    masks and optimizer state (incl. the CPU Adam kernel's beta^t, trainer/cpu.replay_adam_bias_correction)."""
     assert sorted(got) == list(range(1, steps + 1)), f"{what}: steps logged {sorted(got)}"
     for step in range(1, steps + 1):
         assert got[step]["keys"] == ref[step]["keys"], f"{what}, step {step}: different batch"

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from trainer import checkpoint, precision, schedule
+from trainer import checkpoint, checkpoint_files, precision, schedule
 from trainer.metrics import read_records
 
 from helpers import CPU_PRECISION, REPO, base_env, train_records, write_ds, write_run
@@ -139,9 +139,9 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
     assert json.loads((out / "model_config.json").read_text())["vocab_size"] == 1000
     assert (out / "tokenizer" / "tokenizer.json").exists()
     # Checkpoints: saved at 3, 6, 9; kept the last 2.
-    assert checkpoint.list_tags(str(out / "checkpoints")) == ["step_0000006", "step_0000009"]
+    assert checkpoint_files.list_tags(str(out / "checkpoints")) == ["step_0000006", "step_0000009"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000009"
-    cs = checkpoint.read_client_state(str(out / "checkpoints"), None)
+    cs = checkpoint_files.read_client_state(str(out / "checkpoints"), None)
     assert cs["step"] == 9 and cs["samples_seen"] == 9 * 16 and cs["tokens_seen"] == recs[9]["tokens_seen"]
     assert len(cs["data_state"]) == 2 and len(cs["rng"]) == 2 and cs["world_size"] == 2
     assert cs["data_state"][0]["samples_seen"] == 9 * 16
@@ -207,7 +207,7 @@ def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path, procs):
     recs = train_records(out)
     assert sorted(recs) == [1, 2, 3] and all(len(r["keys"]) == 2 for r in recs.values())
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
-    assert checkpoint.list_tags(str(out / "checkpoints")) == ["step_0000003"]
+    assert checkpoint_files.list_tags(str(out / "checkpoints")) == ["step_0000003"]
     assert "2 rank(s)" in p.stdout + p.stderr
     # DeepSpeed's CPU shared-memory allreduce buffers (69 MB of RAM each) are not left in /dev/shm.
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
@@ -223,7 +223,7 @@ def test_zero_stage_smoke(train_shards, tmp_path, stage, procs):
     recs = train_records(out)
     assert sorted(recs) == [1, 2, 3] and all(r["loss"] == r["loss"] for r in recs.values())
     assert sorted(val_records(out)) == [0, 2, 3]
-    assert checkpoint.list_tags(str(out / "checkpoints")) == ["step_0000002", "step_0000003"]
+    assert checkpoint_files.list_tags(str(out / "checkpoints")) == ["step_0000002", "step_0000003"]
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 
@@ -257,11 +257,11 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(train_shards, t
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=6, warmup_steps=0, save_every=1)
     p = run_plain(procs, tmp_path, ds, cfg, expect=3)
-    tags = checkpoint.list_tags(str(out / "checkpoints"))
+    tags = checkpoint_files.list_tags(str(out / "checkpoints"))
     assert tags and f"non-finite loss in {CPU_PRECISION}" in p.stderr
     assert f"last good checkpoint: {out / 'checkpoints' / tags[-1]}" in p.stderr
     stopped = int(p.stderr.split("stopping at step ")[1].split(":")[0])
-    assert tags[-1] == checkpoint.tag_for(stopped - 1)  # the bad step itself was not saved
+    assert tags[-1] == checkpoint_files.tag_for(stopped - 1)  # the bad step itself was not saved
 
 
 def test_phase2_init_from_loads_weights_only(reference_run, train_shards_128, tmp_path, procs):
@@ -285,7 +285,7 @@ def test_resume_refuses_a_checkpoint_of_another_tokenizer(reference_run, train_s
     from trainer.errors import ConfigError
 
     out = reference_run["out"]
-    client = checkpoint.read_client_state(str(out / "checkpoints"), None)
+    client = checkpoint_files.read_client_state(str(out / "checkpoints"), None)
     other = json.loads((Path(train_shards_other_tok) / "manifest.json").read_text())["tokenizer"]
     assert other["vocab_size"] == 1000 and other["fingerprint"] != client["tokenizer_fingerprint"]
 

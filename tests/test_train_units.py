@@ -284,7 +284,7 @@ def test_cli_flags_are_pinned():
 # CPU Adam kernel state across a resume
 
 _ADAM_SCRIPT = r"""
-import sys, types, torch
+import sys, torch
 from deepspeed.ops.adam import FusedAdam
 from trainer import cpu
 mode, d = sys.argv[1], sys.argv[2]
@@ -305,7 +305,7 @@ elif mode == "first":
 else:  # a new process = a fresh C++ kernel object, as after a requeue
     p.data.copy_(torch.load(d + "/first_p.pt")); q.data.copy_(torch.load(d + "/first_q.pt"))
     opt.load_state_dict(torch.load(d + "/opt.pt"))
-    replayed = cpu.replay_adam_bias_correction(types.SimpleNamespace(optimizer=opt)) if mode == "replay" else 0
+    replayed = cpu.replay_adam_bias_correction(opt) if mode == "replay" else 0
     print("replayed", replayed)
     steps(5, 9)
 torch.save(p.data, d + "/" + mode + "_p.pt"); torch.save(q.data, d + "/" + mode + "_q.pt")
@@ -352,7 +352,8 @@ def test_jit_ops_are_built_per_virtualenv_unless_the_user_chose_a_folder():
 def test_resume_accepts_one_tag_folder_of_any_zero_stage(tmp_path):
     """train.resume / train.init_from may name one tag folder; ZeRO-3 writes zero_pp_rank_0_mp_rank_00_model_states.pt
     there instead of mp_rank_00_model_states.pt (found by scripts/gpu_check.sh's ZeRO-3 resume)."""
-    from trainer.checkpoint import MODEL_STATES, ZERO3_MODEL_STATES, resolve_resume
+    from trainer.checkpoint import resolve_resume
+    from trainer.checkpoint_files import MODEL_STATES, ZERO3_MODEL_STATES
     from trainer.errors import ConfigError
 
     for name in (MODEL_STATES, ZERO3_MODEL_STATES):

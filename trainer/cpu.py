@@ -2,6 +2,8 @@
 trainer import this module only when the device is the CPU (trainer.launch, trainer.engine,
 trainer.checkpoint, trainer.dist each have one guarded call), and tests/test_gpu.py checks that on CUDA it
 is never imported. Each workaround says what it fixes and what it costs; docs/cpu.md has the measurements.
+It imports nothing of the project but the trainer's error types: callers pass in what it works on, so it
+stays a leaf of the import graph that engine, dist and checkpoint may import without a cycle.
 
 1. Host allocator (`preload_tcmalloc`, `configure_allocator`). glibc's malloc gives blocks above its mmap
    threshold (32 MiB at most) a fresh mmap and unmaps them on free, so the kernel zeroes ~160,000 new pages
@@ -183,9 +185,11 @@ def install_kernels(model: nn.Module) -> nn.Module:
 # 4. Adam's bias correction after a resume
 
 
-def replay_adam_bias_correction(engine) -> int:
+def replay_adam_bias_correction(opt: torch.optim.Optimizer) -> int:
     """Bring the hidden beta^t state of DeepSpeed's CPU Adam kernel to where an uninterrupted run has it
-    (see 4 above); returns the number of steps replayed (0 when the optimizer is not the CPU FusedAdam).
+    (see 4 above); returns the number of steps replayed (0 when ``opt`` is not the CPU FusedAdam). ``opt`` is
+    the torch optimizer under DeepSpeed's wrappers (trainer.engine.base_optimizer), passed in so that this
+    module imports nothing of the trainer.
 
     The kernel (csrc/includes/cpu_adam.h, Adam_Optimizer::IncrementStep) computes std::pow(beta, 1) on a
     process's first call, then beta_t *= beta in float32 on each following one. Calling it for steps 1..t on
@@ -193,10 +197,8 @@ def replay_adam_bias_correction(engine) -> int:
     betas), so the object ends with exactly the product the uninterrupted run has."""
     from deepspeed.ops.adam import FusedAdam
 
-    from trainer.engine import base_optimizer
     from trainer.errors import ConfigError
 
-    opt = base_optimizer(engine)
     if not isinstance(opt, FusedAdam):
         return 0
     # Every state entry, not the groups' params: ZeRO-3 points its groups at one sub-group's fp32 partition

@@ -167,7 +167,7 @@ def run_eval(config_path: Optional[str], overrides: list[str], examples: int = 0
 
     from data.shards import read_manifest
     from trainer import config as configs, engine as eng, precision
-    from trainer.checkpoint import load_run
+    from trainer.checkpoint_read import load_run
     from trainer.errors import CheckpointError
 
     t0 = time.time()

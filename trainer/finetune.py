@@ -288,7 +288,7 @@ def load_classifier(path: str):
     from safetensors.torch import load_file
 
     from data.tokenizer import load_tokenizer
-    from trainer.checkpoint import load_state_into
+    from trainer.checkpoint_read import load_state_into
 
     cfg_path = os.path.join(path, CLASSIFIER_CONFIG)
     if not os.path.isfile(cfg_path):
@@ -347,7 +347,8 @@ def evaluate_classifier(engine, dev: Encoded, micro_batch: int, pad_id: int) -> 
 def _save_best(engine, model, tokenizer, task: TaskData, cfg: FinetuneConfig, out_dir: str, meta: dict) -> None:
     """Consolidated fp32 weights of the engine through a DeepSpeed checkpoint (any ZeRO stage and precision,
     trainer.checkpoint's consolidation) -> out_dir/best (and best_hf). Collective."""
-    from trainer.checkpoint import consolidate_fp32, load_state_into, read_model_states
+    from trainer.checkpoint_files import read_model_states
+    from trainer.checkpoint_read import consolidate_fp32, load_state_into
 
     ckpt_dir = os.path.join(out_dir, "checkpoint_tmp")
     engine.save_checkpoint(ckpt_dir, tag="best", save_latest=False)
@@ -502,7 +503,7 @@ def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
 
     from data.tokenizer import load_tokenizer
     from trainer import config as configs, engine as eng, precision
-    from trainer.checkpoint import load_pretrained
+    from trainer.checkpoint_read import load_pretrained
 
     cfg = configs.load(config_path, [o for o in overrides if not o.startswith("ds.")], FinetuneConfig)
     ds_raw = eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path,

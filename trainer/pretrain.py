@@ -15,7 +15,7 @@ from typing import Optional
 
 from common.errors import UserError
 from data import shards as shard_io
-from trainer import checkpoint, config as run_config, dist, engine as eng, precision, run_folder
+from trainer import checkpoint, checkpoint_read, config as run_config, dist, engine as eng, precision, rng, run_folder
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
 from trainer.guards import StopFlag
@@ -78,7 +78,7 @@ def load_configs(ds_path: str, config_path: str, overrides: list[str]) -> tuple[
 
 def _init_weights(model, init_from: Optional[str], fingerprint: str, rank: int) -> None:
     """train.init_from: weights only (phase 2 from phase 1), from the same tokenizer."""
-    client = checkpoint.load_weights(model, init_from)
+    client = checkpoint_read.load_weights(model, init_from)
     if client.get("tokenizer_fingerprint") != fingerprint:
         raise ConfigError(f"train.init_from={init_from}: checkpoint tokenizer fingerprint "
                           f"{client.get('tokenizer_fingerprint')} but the shards' is {fingerprint}")
@@ -136,13 +136,13 @@ def _build_model(cfg: RunConfig, data: _Data, resuming: bool, rank: int):
     from bert import BertForPreTraining
 
     t = cfg.train
-    checkpoint.seed_all(t.seed)
+    rng.seed_all(t.seed)
     model = BertForPreTraining(data.model_cfg)
     if t.init_from and resuming:
         log(rank, f"train.init_from={t.init_from} ignored: resuming this run's own checkpoint instead")
     elif t.init_from:
         _init_weights(model, t.init_from, data.fingerprint, rank)
-    checkpoint.seed_all(t.seed + 1000 * rank)
+    rng.seed_all(t.seed + 1000 * rank)
     return model
 
 

@@ -26,7 +26,7 @@ import time
 from typing import Callable, Optional
 
 from common import files
-from trainer import checkpoint, precision
+from trainer import checkpoint_files, precision
 from trainer.errors import ConfigError
 from trainer.lock import RunLock
 
@@ -75,7 +75,7 @@ def _folder_records(folder: str) -> list[tuple[dict, str]]:
 
 
 def _checkpoint_record(load_dir: str, tag: Optional[str]) -> tuple[dict, str]:
-    client = checkpoint.read_client_state(load_dir, tag)
+    client = checkpoint_files.read_client_state(load_dir, tag)
     return (fixed_settings(client.get("model_config"), client.get("ds_config"), client.get("tokenizer_fingerprint"),
                            client.get("max_seq_len"), client.get("format_version")),
             f"checkpoint {os.path.join(load_dir, tag or 'latest')}")

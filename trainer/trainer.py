@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from data.health import DataHealth
-from trainer import callbacks as cbs, checkpoint, dist
+from trainer import callbacks as cbs, checkpoint, checkpoint_files, dist, rng
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
 from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
@@ -108,7 +108,7 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_state": self._data_state, "rng": checkpoint.rng_state(), "data_health": self.health.state_dict()}
+                "data_state": self._data_state, "rng": rng.state(), "data_health": self.health.state_dict()}
 
     def load_state_dict(self, sd: dict) -> str:
         """Restore a state (returns the loader's note, "" unless the global batch changed). ``rng`` is None for a
@@ -117,7 +117,7 @@ class Trainer:
         note = self.loader.load_state_dict(sd["data_state"])
         self._data_state = self.loader.state_dict()
         if sd["rng"] is not None:
-            checkpoint.set_rng_state(sd["rng"])
+            rng.set_state(sd["rng"])
         if sd.get("data_health"):  # checkpoints from before data.health have none
             self.health.load_state_dict(sd["data_health"])
             self._recheck_suspects()
@@ -201,7 +201,7 @@ class Trainer:
                 train_time += self._fold(win)
                 if self._last_eval != self.step:
                     verdict.stop = not self._validate()
-            if checkpoint.tag_for(self.step) != os.path.basename(self.checkpointer.last_saved or ""):
+            if checkpoint_files.tag_for(self.step) != os.path.basename(self.checkpointer.last_saved or ""):
                 self._save()
         return self._finish(verdict, self.step - start, time.perf_counter() - t_start, train_time)
 
