@@ -7,7 +7,7 @@ Recipe (paper, section 4.1 / appendix A.3): batch 32 (the DeepSpeed JSON's train
 {5e-5, 3e-5, 2e-5} (train.sweep_lrs: one run per lr, each as the JSON override ds.optimizer.params.lr), 3
 epochs, linear warmup over the first 10% of steps then linear decay to 0 (trainer.schedule), dropout 0.1,
 max length 128. Engine, weight-decay rule, precision decision, metrics and consolidation of the best weights
-are pretraining's own pieces (trainer.engine, trainer.precision, trainer.metrics, trainer.checkpoint).
+are pretraining's own pieces (trainer.engine, trainer.precision, trainer.metrics, trainer.checkpoint_read).
 
 Tasks: GLUE through `datasets` (`nyu-mll/glue`, needs the hub) or local CSV / TSV / JSONL files with a text
 column, an optional second text column and a label column. Labels are mapped to ids deterministically:
@@ -346,7 +346,7 @@ def evaluate_classifier(engine, dev: Encoded, micro_batch: int, pad_id: int) -> 
 
 def _save_best(engine, model, tokenizer, task: TaskData, cfg: FinetuneConfig, out_dir: str, meta: dict) -> None:
     """Consolidated fp32 weights of the engine through a DeepSpeed checkpoint (any ZeRO stage and precision,
-    trainer.checkpoint's consolidation) -> out_dir/best (and best_hf). Collective."""
+    trainer.checkpoint_read's consolidation) -> out_dir/best (and best_hf). Collective."""
     from trainer.checkpoint_files import read_model_states
     from trainer.checkpoint_read import consolidate_fp32, load_state_into
 
