@@ -48,8 +48,10 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -96,6 +98,7 @@ class _WorkerSignals:
     def __call__(self, worker_id: int) -> None:
         for sig in (signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
+        threading.Thread(target=self._end_with_owner, name="owner-watch", daemon=True).start()
         if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to read, so obey every SIGTERM
             if hasattr(signal, "pthread_sigmask"):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked from birth (worker_context)
@@ -111,6 +114,30 @@ class _WorkerSignals:
             info = signal.sigwaitinfo({signal.SIGTERM})
             if info.si_pid == self.owner:
                 os._exit(0)
+
+    def _end_with_owner(self) -> None:
+        """End when the rank is gone, however it ended (kill -9, a second Ctrl-C). torch's own check compares
+        the parent's pid, and a worker's parent is the fork server, which outlives the rank as long as any
+        worker holds its pipe: without this, a rank killed outright left its workers and the fork server
+        running forever. A pidfd (Linux 5.3+) wakes at the owner's exit; elsewhere the owner is polled."""
+        try:
+            fd = os.pidfd_open(self.owner)
+        except (AttributeError, OSError):  # no pidfd, or the owner is already gone
+            while _alive(self.owner):
+                time.sleep(1.0)
+            os._exit(0)
+        select.select([fd], [], [])
+        os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process took the pid: ours is gone
+        return False
+    return True
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}

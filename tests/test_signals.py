@@ -140,3 +140,33 @@ def test_stop_signals_to_the_group_while_workers_start_lose_no_worker(train_shar
     counts, received = [int(w) for w in words[:40]], int(words[-1])
     expected = json.loads((Path(train_shards) / "manifest.json").read_text())["splits"]["valid"]["samples"]
     assert counts == [expected] * 40 and sent > 40 and received > 0  # every pass whole; the signals did arrive
+
+
+# A rank's stand-in that keeps its DataLoader workers alive (mid-pass) until it is killed.
+HOLDS_WORKERS = """
+import sys, time
+from data.loader import PretrainLoader
+if __name__ == "__main__":
+    it = iter(PretrainLoader(sys.argv[1], "valid", 2, num_workers=2, shuffle=False, loop=False))
+    next(it)
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_and_fork_server_end_when_their_rank_is_killed(train_shards, tmp_path, procs):
+    """A rank killed outright (kill -9; a second Ctrl-C ends one by SIGINT, which workers ignore) must not leave
+    its workers behind: their parent is the fork server, so torch's parent-pid check never fires, and the fork
+    server in turn waits for its last worker. Everything the rank started ends within seconds."""
+    import psutil
+
+    script = tmp_path / "holds.py"
+    script.write_text(HOLDS_WORKERS)
+    p = procs.start([sys.executable, script, train_shards], tmp_path / "holds", env=base_env())
+    wait_for(lambda: "holding" in procs.output(p)[0], "the workers", [p], timeout=120)
+    helpers = psutil.Process(p.pid).children(recursive=True)  # tracker, fork server, 2 workers
+    assert sum(h.name() == "pt_data_worker" for h in helpers) == 2, [h.name() for h in helpers]
+    p.kill()
+    p.wait()
+    gone, alive = psutil.wait_procs(helpers, timeout=30)
+    assert alive == [], [f"{h.pid} {h.name()}" for h in alive]
