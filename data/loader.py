@@ -133,9 +133,7 @@ class _WorkerSignals:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process took the pid: ours is gone
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user's process
         return False
     return True
 

@@ -137,7 +137,7 @@ def test_device_list_from_kinds_md_round_trips(tmp_path):
 
 
 def test_this_repo_plan_is_complete(capsys):
-    """The real scan (CI: no /work/.library, no .whl): every import maps to the device or to a pinnable wheel."""
+    """The real scan (CI: no device package list, no .whl): every import maps to the device or to a pinnable wheel."""
     assert gwc.main(["--dry-run", "--device-list", str(gwc.DEVICE_LIST)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     for name in ("deepspeed", "hjson", "pydantic", "webdataset", "blingfire"):
