@@ -51,13 +51,14 @@ def _host_allocator(choice: str, device: torch.device) -> str:
     launcher/bench.py when installed, else glibc keeping freed blocks), "default" leaves glibc untouched."""
     if device.type != "cpu":
         return "device"
-    from trainer import cpu
+    from trainer import cpu_start
 
-    if cpu.tcmalloc_loaded():
+    if cpu_start.tcmalloc_loaded():
         if choice == "default":
-            raise SystemExit(f"--malloc default: this process runs on tcmalloc; start it with {cpu.CHOICE_ENV}=glibc")
+            raise SystemExit(f"--malloc default: this process runs on tcmalloc; start it with "
+                             f"{cpu_start.CHOICE_ENV}=glibc")
         return "tcmalloc"
-    return "glibc-keep" if choice == "ours" and cpu.keep_freed_memory() else "glibc-default"
+    return "glibc-keep" if choice == "ours" and cpu_start.keep_freed_memory() else "glibc-default"
 
 
 def train_in_child(args: list[str], **run_kwargs) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
@@ -69,12 +70,12 @@ def train_in_child(args: list[str], **run_kwargs) -> tuple[subprocess.CompletedP
 
 def _untuned_hf_rows(a, peak: float, dtype: str) -> list[dict]:
     """(c0): `train --impl hf --malloc default` in a fresh process on glibc's malloc."""
-    from trainer import cpu
+    from trainer import cpu_start
 
     args = ["--impl", "hf", "--malloc", "default", "--preset", a.preset, "--seq", str(a.seq), "--micro-batch",
             str(a.micro_batch), "--max-pred", str(a.max_pred), "--dtype", dtype, "--warmup", str(a.warmup),
             "--repeats", str(a.repeats), "--peak-tflops", str(peak)] + (["--data", a.data] if a.data else [])
-    p, res = train_in_child(args, env=cpu.glibc_env(dict(os.environ)))
+    p, res = train_in_child(args, env=cpu_start.glibc_env(dict(os.environ)))
     if res is None:
         raise RuntimeError(f"(c0) failed with exit code {p.returncode}: {' '.join(p.args)} (its error is above)")
     return [dict(r, impl="c0: transformers, own process, glibc malloc") for r in res["results"]]

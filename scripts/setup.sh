@@ -15,9 +15,9 @@ from deepspeed.accelerator import get_accelerator as a
 if a().device_name() == 'cpu':  # on CUDA, FusedAdam is built on first use by the GPU node's own toolchain
     [a().create_op_builder(n).load(verbose=False) for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]" 2>&1 \
     | grep -v -e '^\[' -e 'WARNING' || true
-# CPU training runs on tcmalloc when it is installed (trainer/cpu.py: DeepSpeed's step on glibc's malloc took
+# CPU training runs on tcmalloc when it is installed (trainer/cpu_start.py: DeepSpeed's step on glibc's malloc took
 # 45-77% longer, re-faulting its per-step buffers). Installed here when we may; otherwise a note says how.
-if ! .venv/bin/python -c "import sys; from trainer.cpu import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
+if ! .venv/bin/python -c "import sys; from trainer.cpu_start import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } \
             >/dev/null 2>&1 || echo "setup: apt-get could not install libtcmalloc-minimal4; CPU runs use glibc's malloc (slower)"
@@ -39,6 +39,6 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
              "'apt-get install slurm-wlm' (they are skipped otherwise)"
     fi
 fi
-ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.cpu import find_tcmalloc as f
+ready=$(.venv/bin/python -c 'from importlib.metadata import version as v; from trainer.cpu_start import find_tcmalloc as f
 print("torch", v("torch"), "deepspeed", v("deepspeed"), "- CPU host allocator:", "tcmalloc" if f() else "glibc")')
 echo "setup: .venv ready ($ready)"

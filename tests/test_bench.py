@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import report, steps
 from bert import BertConfig
-from trainer import cpu, metrics
+from trainer import cpu_start, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_train_compares_the_implementations(tmp_path):
                      "c0: transformers, own process, glibc malloc"]
     # CPU: (a)-(c) run as our launchers run (tcmalloc when installed, else glibc keeping freed memory),
     # (c0) as an untuned process.
-    ours = "tcmalloc" if cpu.find_tcmalloc() else "glibc-keep"
+    ours = "tcmalloc" if cpu_start.find_tcmalloc() else "glibc-keep"
     assert res["malloc"] == ours
     assert [r["malloc"] for r in res["results"]] == [ours, ours, ours, "glibc-default"]
     assert all(r["faults_per_step"] >= 0 for r in res["results"])

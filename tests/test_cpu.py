@@ -1,5 +1,7 @@
-"""trainer/cpu.py, the CPU host workarounds: tcmalloc preloaded by re-executing the command keeps freed pages
-(the glibc fallback does not let the heap grow without bound); the fast dropout masks and the written-out
+"""trainer/cpu.py and trainer/cpu_start.py, the CPU host workarounds: tcmalloc preloaded by re-executing the
+command keeps freed pages (the glibc fallback does not let the heap grow without bound), decided without
+importing torch where no GPU driver is installed; py-cpuinfo is asked once per process, DeepSpeed's op builders
+included; the fast dropout masks and the written-out
 attention are exact in distribution and follow torch's seed; they are swapped into a model from outside and
 change no state-dict key."""
 
@@ -14,7 +16,7 @@ from torch import nn
 
 from bert import BertForPreTraining, BertForSequenceClassification
 from helpers import make_batch, tiny_config
-from trainer import cpu
+from trainer import cpu, cpu_start
 
 # DeepSpeed's pattern that broke the demo under an earlier setting (mmap off, M_MMAP_MAX=0): a big, barely
 # touched block per step, a little bigger each time, with a small long-lived allocation landing after it.
@@ -23,8 +25,8 @@ from trainer import cpu
 # run), so the control that shows the measurement sees growth is the same loop holding on to its blocks.
 GROWTH = """
 import sys, torch
-from trainer import cpu
-assert cpu.keep_freed_memory()
+from trainer import cpu_start
+assert cpu_start.keep_freed_memory()
 def vmdata_mb():
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmData"))
 keep, v0 = [], vmdata_mb()
@@ -46,9 +48,9 @@ print(vmdata_mb() - v0)
 # hands some of these pages back and re-faults them: up to 61,000 faults in a step of this loop.)
 REEXEC = """
 import os, resource, torch
-from trainer import cpu
-cpu.preload_tcmalloc()
-print(cpu.configure_allocator())
+from trainer import cpu_start
+cpu_start.preload_tcmalloc()
+print(cpu_start.configure_allocator())
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 per_step = []
@@ -60,10 +62,10 @@ for i in range(30):
     c = torch.ones(5 << 20)
     del b, c
     per_step.append(faults() - f0)
-print(os.getpid(), cpu.tcmalloc_loaded(), max(per_step[2:]), per_step[0])
+print(os.getpid(), cpu_start.tcmalloc_loaded(), max(per_step[2:]), per_step[0])
 """
 
-needs_tcmalloc = pytest.mark.skipif(cpu.find_tcmalloc() is None,
+needs_tcmalloc = pytest.mark.skipif(cpu_start.find_tcmalloc() is None,
                                     reason="tcmalloc not installed (scripts/setup.sh installs it where it can)")
 
 
@@ -73,7 +75,7 @@ def vmdata_growth_mb(mode: str) -> int:
 
 
 def run_reexec(**env_overrides) -> tuple[str, bool, int, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu.CHOICE_ENV, *cpu.TCMALLOC_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_start.CHOICE_ENV, *cpu_start.TCMALLOC_ENV)}
     env.update(env_overrides)
     p = subprocess.Popen([sys.executable, "-c", REEXEC], stdout=subprocess.PIPE, text=True, env=env)
     out, _ = p.communicate(timeout=120)
@@ -85,7 +87,7 @@ def run_reexec(**env_overrides) -> tuple[str, bool, int, int]:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(cpu._glibc() is None, reason="mallopt is glibc's")
+@pytest.mark.skipif(cpu_start._glibc() is None, reason="mallopt is glibc's")
 def test_heap_address_space_stays_bounded():
     assert vmdata_growth_mb("hold") > 5000  # the control: 60 blocks of 100 MB held
     assert vmdata_growth_mb("keep") < 500
@@ -100,24 +102,77 @@ def test_preload_restarts_the_command_on_tcmalloc_which_keeps_freed_pages():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(cpu._glibc() is None, reason="mallopt is glibc's")
+@pytest.mark.skipif(cpu_start._glibc() is None, reason="mallopt is glibc's")
 def test_opting_out_keeps_glibc_which_refaults_big_blocks():
-    line, loaded, faults, fresh = run_reexec(**{cpu.CHOICE_ENV: "glibc"})
+    line, loaded, faults, fresh = run_reexec(**{cpu_start.CHOICE_ENV: "glibc"})
     assert not loaded and line.startswith("host allocator: glibc, freed blocks up to 32 MiB reused")
     assert faults > fresh * 0.6  # the control: the 200 MB and ~40 MB blocks (of 260 MB) are faulted in every step
 
 
 def test_glibc_env_takes_tcmalloc_out_and_keeps_the_rest():
-    env = cpu.glibc_env({"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4:/y/libother.so", "PATH": "/bin",
-                            "TCMALLOC_RELEASE_RATE": "0", cpu.CHOICE_ENV: "tcmalloc"})
-    assert env == {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin", cpu.CHOICE_ENV: "glibc"}
-    assert "LD_PRELOAD" not in cpu.glibc_env({"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
+    env = cpu_start.glibc_env({"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4:/y/libother.so", "PATH": "/bin",
+                               "TCMALLOC_RELEASE_RATE": "0", cpu_start.CHOICE_ENV: "tcmalloc"})
+    assert env == {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin", cpu_start.CHOICE_ENV: "glibc"}
+    assert "LD_PRELOAD" not in cpu_start.glibc_env({"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
 
 
 @needs_tcmalloc
 def test_pretrain_launcher_runs_on_tcmalloc(eval_run):
     stdout = (Path(eval_run).parent / "launcher_stdout.txt").read_text()
     assert "[pretrain] host allocator: tcmalloc" in stdout
+
+
+# A launcher's entry point on this host: what the command sees when it starts (after any re-execution).
+LAUNCHED = """
+import os, sys
+from trainer import launch
+launch.main(lambda argv: print(os.getpid(), "torch" in sys.modules, os.environ.get("BERT_HOST_MALLOC")))
+"""
+no_gpu_driver = pytest.mark.skipif(any(os.path.exists(p) for p in cpu_start.GPU_DRIVER_FILES),
+                                   reason="a GPU driver is installed here: torch is asked whether there is a device")
+
+
+@no_gpu_driver
+@needs_tcmalloc
+def test_launcher_reexecutes_before_importing_torch_where_there_is_no_gpu_driver():
+    """torch is imported once, after the re-execution on tcmalloc: deciding "CPU host" by asking torch first
+    imported it twice (~2.5 s of every rank's start-up)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cpu_start.CHOICE_ENV, "DS_ACCELERATOR")}
+    p = subprocess.Popen([sys.executable, "-c", LAUNCHED], stdout=subprocess.PIPE, text=True, env=env)
+    out, _ = p.communicate(timeout=120)
+    pid, torch_imported, choice = out.split()
+    assert int(pid) == p.pid and choice == "tcmalloc"  # re-executed in place, on tcmalloc
+    assert torch_imported == "False"  # neither before the re-execution nor after it, until the command needs it
+
+
+def test_another_deepspeed_accelerator_asked_for_is_not_a_cpu_host(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    assert not cpu_start.cpu_host()
+
+
+def test_cpuinfo_is_asked_once_for_every_op_deepspeed_loads(monkeypatch):
+    """DeepSpeed's CPU op builder asks py-cpuinfo twice per op load (arch, SIMD width); each ask is a subprocess
+    that sleeps 1 s. After ask_cpuinfo_once every ask, DeepSpeed's included, gets the one answer."""
+    import cpuinfo
+    from deepspeed.ops.op_builder.cpu import FusedAdamBuilder, ShareMemCommBuilder
+
+    asked = []
+    real = {"arch": "X86_64", "flags": ["avx2", "fma"]}
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or dict(real))
+    cpu_start.ask_cpuinfo_once()
+    cpu_start.ask_cpuinfo_once()  # a second call keeps the first answer
+    for builder in (FusedAdamBuilder(), ShareMemCommBuilder()):
+        assert builder.cpu_arch() == "-march=native" and builder.simd_width() == "-D__AVX256__"
+    assert cpuinfo.get_cpu_info() == real and len(asked) == 1
+
+
+def test_a_failed_cpuinfo_ask_is_asked_again(monkeypatch):
+    import cpuinfo
+
+    answers = iter([{}, {"arch": "X86_64", "flags": []}])
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: next(answers))
+    cpu_start.ask_cpuinfo_once()
+    assert cpuinfo.get_cpu_info() == {"arch": "X86_64", "flags": []}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -319,12 +319,12 @@ def test_no_cpu_workaround_runs_on_cuda(tmp_path):
 def test_host_probe_sees_every_cpu_workaround_on_cpu(tmp_path):
     """The control of the test above: on a CPU host the same probe sees each workaround, so "none seen" on
     CUDA is a finding, not a blind probe."""
-    from trainer import cpu
+    from trainer import cpu_start
 
     r = probe("host", tmp_path / "ckpt")
     assert r["device"] == "cpu" and r["trainer_cpu_imported"] is True
     assert r["dropout_types"] == ["trainer.cpu.FastDropout"]
     assert r["attend"] == ["trainer.cpu.softmax_attention"]
-    assert r["tcmalloc_mapped"] == bool(cpu.find_tcmalloc())
+    assert r["tcmalloc_mapped"] == bool(cpu_start.find_tcmalloc())
     assert len(r["shm_unlinked"]) == 1 and r["shm_buffers"] == []
     assert r["fused_adam_builder"] == "deepspeed.ops.op_builder.cpu.fused_adam"

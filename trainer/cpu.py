@@ -1,18 +1,13 @@
 """CPU host workarounds, all of them, in one place. Nothing here runs on a CUDA host: the model and the
-trainer import this module only when the device is the CPU (trainer.launch, trainer.engine,
+trainer import this module only when the device is the CPU (trainer.pretrain, trainer.engine,
 trainer.checkpoint, trainer.dist each have one guarded call), and tests/test_gpu.py checks that on CUDA it
 is never imported. Each workaround says what it fixes and what it costs; docs/cpu.md has the measurements.
-It imports nothing of the project but the trainer's error types: callers pass in what it works on, so it
-stays a leaf of the import graph that engine, dist and checkpoint may import without a cycle.
+It imports nothing of the project but the trainer's error types and its start-time half (cpu_start): callers
+pass in what it works on, so it stays a leaf of the import graph that engine, dist and checkpoint may import
+without a cycle.
 
-1. Host allocator (`preload_tcmalloc`, `configure_allocator`). glibc's malloc gives blocks above its mmap
-   threshold (32 MiB at most) a fresh mmap and unmaps them on free, so the kernel zeroes ~160,000 new pages
-   per BERT-base step of DeepSpeed (its reduce buckets, fp32 gradient partition, fp64 norm copies): the
-   engine's step took 45-77% longer than a plain loop. tcmalloc with TCMALLOC_RELEASE_RATE=0 keeps and
-   reuses them (0 faults per step). An allocator must be in place before the interpreter starts, so the
-   launchers re-execute their own command with it in LD_PRELOAD (same PID: deepspeed, torchrun and srun
-   keep tracking it). Without tcmalloc (or with BERT_HOST_MALLOC=glibc), glibc is tuned instead: blocks up to
-   32 MiB reuse the heap, which is never trimmed. Cost of both: resident memory stays at the run's peak.
+1. Host allocator, and 6. py-cpuinfo asked once: trainer/cpu_start.py, which acts at a process's start,
+   before torch is imported.
 2. Dropout masks (`FastDropout`). torch draws a CPU dropout mask one single-threaded mt19937 number per
    element (~6 ns): BERT-base at B=8, S=128 drops 37 tensors, 38M elements per step, 16% of the step.
    numpy's PCG64 draws 16-bit uniforms at ~1 ns each, seeded from torch's generator, so torch.manual_seed
@@ -30,110 +25,12 @@ stays a leaf of the import graph that engine, dist and checkpoint may import wit
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import glob
 import os
-import sys
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# ---------------------------------------------------------------------------------------------------
-# 1. Host allocator
-
-# glibc's malloc.h
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit (4 MiB * sizeof(long))
-
-CHOICE_ENV = "BERT_HOST_MALLOC"  # "glibc": do not preload; "tcmalloc": set by the re-execution (no loop)
-TCMALLOC_ENV = {
-    "TCMALLOC_RELEASE_RATE": "0",  # never hand freed pages back to the OS: they would be faulted in again
-    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40),  # BERT-large's 1.3 GB blocks are expected, not news
-}
-
-
-def _glibc() -> Optional[ctypes.CDLL]:
-    """The process's C library if it is glibc (musl and others have no tunable mallopt)."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
-
-
-def keep_freed_memory() -> bool:
-    """glibc: reuse freed blocks up to 32 MiB instead of returning them to the OS. True if applied; a no-op
-    under tcmalloc, which keeps everything already."""
-    libc = _glibc()
-    if tcmalloc_loaded() or libc is None:
-        return False
-    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, -1))
-    return all(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1 for param, value in settings)
-
-
-def find_tcmalloc() -> Optional[str]:
-    """Path (or soname) of tcmalloc: this environment's lib/ first (conda), then the system's library cache."""
-    for name in ("tcmalloc_minimal", "tcmalloc"):
-        local = sorted(glob.glob(os.path.join(sys.prefix, "lib", f"lib{name}.so*")))
-        if local:
-            return local[0]
-        found = ctypes.util.find_library(name)
-        if found:
-            return found
-    return None
-
-
-def tcmalloc_loaded() -> bool:
-    """Whether this process runs on tcmalloc (read from its memory map, not assumed from the environment)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return "libtcmalloc" in f.read()
-    except OSError:
-        return False
-
-
-def preload_tcmalloc() -> None:
-    """Replace this process by the same command with tcmalloc preloaded, when it is installed and this is
-    not done already (or opted out with BERT_HOST_MALLOC=glibc). Call first thing in an entry point."""
-    if os.environ.get(CHOICE_ENV) or tcmalloc_loaded() or not sys.platform.startswith("linux"):
-        return
-    lib = find_tcmalloc()
-    if lib is None:
-        return
-    env = dict(os.environ, **TCMALLOC_ENV)
-    env[CHOICE_ENV] = "tcmalloc"
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, os.environ.get("LD_PRELOAD")) if p)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
-
-
-def glibc_env(environ: dict) -> dict:
-    """`environ` for a child process that must run on glibc's malloc (tcmalloc taken out of LD_PRELOAD)."""
-    env = {k: v for k, v in environ.items() if k not in TCMALLOC_ENV}
-    preload = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and "libtcmalloc" not in p]
-    if preload:
-        env["LD_PRELOAD"] = ":".join(preload)
-    env[CHOICE_ENV] = "glibc"
-    return env
-
-
-def configure_allocator() -> str:
-    """Tune glibc when tcmalloc is not loaded; one line for the run log naming the allocator (and the fix)."""
-    if tcmalloc_loaded():
-        return "host allocator: tcmalloc, freed memory kept for reuse (RSS stays at the run's peak)"
-    hint = ("" if os.environ.get(CHOICE_ENV) == "glibc" else
-            "; install tcmalloc for faster CPU steps (apt-get install libtcmalloc-minimal4, or conda install "
-            "gperftools): the launchers preload it")
-    if keep_freed_memory():
-        return "host allocator: glibc, freed blocks up to 32 MiB reused (RSS stays at the run's peak)" + hint
-    return "host allocator: the C library's default" + hint
-
 
 # ---------------------------------------------------------------------------------------------------
 # 2, 3. Dropout masks and attention
@@ -242,6 +139,8 @@ def unlink_shm_buffer(rank: int) -> None:
 
 def workarounds() -> str:
     """One log line naming what this module changes in this process."""
+    from trainer.cpu_start import tcmalloc_loaded
+
     alloc = "tcmalloc" if tcmalloc_loaded() else "glibc"
     return (f"cpu host workarounds (trainer/cpu.py): {alloc} allocator, fast dropout masks, softmax attention "
             f"with dropout, CPU Adam beta^t replay on resume, shm buffer names unlinked")

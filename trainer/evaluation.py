@@ -185,9 +185,9 @@ def run_eval(config_path: Optional[str], overrides: list[str], examples: int = 0
     decision = precision.decide(e.dtype or meta.eval_dtype(), precision.device_facts(device.type))
     print(decision.line, file=sys.stderr)
     if device.type == "cpu":
-        from trainer import cpu
+        from trainer import cpu_start
 
-        print(cpu.configure_allocator(), file=sys.stderr)
+        print(cpu_start.configure_allocator(), file=sys.stderr)
     # The training engine holds its module in the run's precision (DeepSpeed casts it), so do the same:
     # fp32 masters rounded to bf16 give exactly the engine's bf16 weights.
     model.to(device=device, dtype=eng.torch_dtype(decision.precision))

@@ -3,8 +3,9 @@
     if __name__ == "__main__":
         sys.exit(launch.main(run, argv))
 
-On a CPU host the process first re-executes itself on tcmalloc (trainer/cpu.py: the only CPU workaround
-that must act before the interpreter does anything else); on a GPU host trainer/cpu.py is not imported.
+On a CPU host the process first re-executes itself on tcmalloc and starts asking py-cpuinfo in the background
+(trainer/cpu_start.py: the CPU workarounds that must act before torch is imported; on a host without a GPU
+driver torch is not imported to decide); on a GPU host neither trainer/cpu.py nor a re-execution happens.
 
 A command that stops on signals (pretraining: ``launch.main(run, stop_signals=True)``) holds them from its first
 line (trainer.guards.block_stop_signals), before torch is imported and across the re-exec, so that a Ctrl-C
@@ -14,17 +15,9 @@ during start-up waits for the trainer's signal reader instead of killing the ran
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from common.errors import run_main
-
-
-def cpu_host() -> bool:
-    """No CUDA device and no other DeepSpeed accelerator asked for."""
-    import torch  # here, not at the top: an entry point imports this module before anything heavy
-
-    return not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cpu") == "cpu"
 
 
 def main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None, *,
@@ -33,9 +26,10 @@ def main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = 
         from trainer.guards import block_stop_signals
 
         block_stop_signals()
-    if cpu_host():
-        from trainer import cpu
+    from trainer import cpu_start  # imports nothing heavy
 
-        cpu.preload_tcmalloc()
+    if cpu_start.cpu_host():
+        cpu_start.preload_tcmalloc()  # returns where it does not re-execute
+        cpu_start.ask_cpuinfo_once()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run_main(fn, argv)

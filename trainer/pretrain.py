@@ -124,9 +124,9 @@ def _configure_device(device_kind: str, local_rank: int, rank: int) -> None:
     if device_kind == "cuda":
         get_accelerator().set_device(local_rank)
     elif device_kind == "cpu":
-        from trainer import cpu  # the CPU host workarounds, never imported on CUDA
+        from trainer import cpu, cpu_start  # the CPU host workarounds, never imported on CUDA
 
-        log(rank, cpu.configure_allocator())
+        log(rank, cpu_start.configure_allocator())
         log(rank, cpu.workarounds())
 
 
