@@ -11,6 +11,7 @@ import torch
 from bert import BertConfig, BertForPreTraining
 from trainer import dist, schedule
 from trainer.engine import apply_ds_overrides, load_ds_config, param_groups, resolve, resolve_batch
+from common.errors import UserError
 from trainer.errors import ConfigError
 from trainer.guards import NonFiniteGuard
 from trainer.metrics import flop_counts
@@ -138,7 +139,7 @@ def test_ds_configs_the_device_cannot_run_are_refused(change, fragment):
 def test_bad_json_names_the_file(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text("{not json")
-    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad.json: the DeepSpeed JSON is not valid JSON \(line 1, column 2"):
         load_ds_config(str(p))
 
 

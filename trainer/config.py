@@ -28,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from bert import PRESETS, BertConfig
+from common.files import read_yaml
 from trainer.errors import ConfigError
 
 
@@ -416,15 +417,7 @@ def load(path: Optional[str], overrides: list[str] = (), cls=None):
     cls = cls or RunConfig
     tree: dict = {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read run config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+        tree = read_yaml(path, "run config")  # a mapping of sections; an empty file is {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:

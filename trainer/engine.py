@@ -12,13 +12,13 @@ A JSON that gives micro and accumulation instead gets ``train_batch_size = micro
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from common.files import read_json
 from trainer import precision as prec
 from trainer.errors import ConfigError
 
@@ -29,16 +29,7 @@ NO_DECAY = ("LayerNorm", "layer_norm", "bias")
 
 
 def load_ds_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: top level must be a JSON object")
-    return ds
+    return read_json(path, "DeepSpeed JSON")
 
 
 def apply_ds_overrides(ds: dict, path: str, overrides: list[tuple[str, object]]) -> dict:
