@@ -291,6 +291,10 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     ckpt_dir = os.path.join(t.output_dir, "checkpoints")
     log(rank, eng.precision_note(resolved))
     _configure_device(device_kind, local_rank, rank)
+    if d.num_workers > 0:  # the workers' fork server imports torch (~2.5 s): started now, while the engine builds
+        from data.loader import worker_context
+
+        worker_context()
     model = _build_model(cfg, data, resume_from is not None, rank)
     flops = flop_counts(model)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
