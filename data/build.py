@@ -386,28 +386,11 @@ def _manifest(tok_meta: dict, settings: dict, splits: dict, reader_stats, stats)
     }
 
 
-def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenizer, out: str,
-          settings: BuildSettings | None = None, *, workers: int | None = None, overwrite: bool = False,
-          progress: bool = True) -> dict:
-    """Build shards of ``corpus`` (options, or input specs) into ``out``; returns the manifest (also written to
-    ``out/manifest.json``, last: its presence means the build is complete)."""
-    t_start = time.time()
-    if not isinstance(corpus, CorpusOptions):
-        corpus = CorpusOptions(inputs=[corpus] if isinstance(corpus, str) else list(corpus))
-    settings = settings or BuildSettings()
-    settings.check()
-    tok = tokenizer if isinstance(tokenizer, BertTokenizer) else load_tokenizer(tokenizer)
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    manifest_settings, tok_meta = settings.manifest_settings(corpus), dict(tok.meta())
-    # a missing input, or an input inside the output folder, fails before the output folder is touched
-    _refuse_inputs_inside(out, [f for spec in corpus.inputs for r, f in resolve_spec(spec) if r != "hf"]
-                          + ([] if isinstance(tokenizer, BertTokenizer) else [os.fspath(tokenizer)]))
-    done = _prepare_out_dir(out, manifest_settings, tok_meta, overwrite)
-    if done is not None:
-        return done
-
-    reader_stats: dict = collections.Counter()
-
+def _write_shards(corpus: CorpusOptions, tok: BertTokenizer, settings: BuildSettings, out: str, workers: int,
+                  progress: bool, reader_stats: collections.Counter) -> tuple[dict, dict, float]:
+    """Read, build and write every block of this slice in ``workers`` processes, in order; returns the split
+    writers, the summed statistics and the workers' CPU seconds. On any failure the shards in progress are
+    abandoned (and, for bad input, the output folder emptied)."""
     def counted(it):
         for r in it:  # a STREAMS item counts the pages its index lists (every slice sees the whole index)
             reader_stats["raw_documents"] += r[1].pages if r[0] == STREAMS else 1
@@ -437,6 +420,41 @@ def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenize
         results.close()  # stops the worker pool now, also on errors
         if pbar is not None:
             pbar.close()
+    return writers, stats, cpu
+
+
+def _print_summary(out: str, manifest: dict, wall: float, workers: int, cpu: float) -> None:
+    st, splits = manifest["stats"], manifest["splits"]
+    skipped_s = ", ".join(f"{k} {v}" for k, v in {**st["skipped"], **st["repaired"]}.items() if v) or "none"
+    print(f"built {out}: {st['documents']} documents ({st['valid_documents']} valid), "
+          f"{st['examples']} examples (train {splits['train']['samples']}, valid "
+          f"{splits['valid']['samples']}), {st['tokens']} tokens, skipped/repaired: {skipped_s}; "
+          f"{wall:.1f}s wall, {st['tokens'] / max(wall, 1e-9) / workers:,.0f} tokens/s per worker core "
+          f"({workers} workers; {st['tokens'] / max(cpu, 1e-9):,.0f} tokens/s per worker CPU-second)", file=sys.stderr)
+
+
+def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenizer, out: str,
+          settings: BuildSettings | None = None, *, workers: int | None = None, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Build shards of ``corpus`` (options, or input specs) into ``out``; returns the manifest (also written to
+    ``out/manifest.json``, last: its presence means the build is complete)."""
+    t_start = time.time()
+    if not isinstance(corpus, CorpusOptions):
+        corpus = CorpusOptions(inputs=[corpus] if isinstance(corpus, str) else list(corpus))
+    settings = settings or BuildSettings()
+    settings.check()
+    tok = tokenizer if isinstance(tokenizer, BertTokenizer) else load_tokenizer(tokenizer)
+    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    manifest_settings, tok_meta = settings.manifest_settings(corpus), dict(tok.meta())
+    # a missing input, or an input inside the output folder, fails before the output folder is touched
+    _refuse_inputs_inside(out, [f for spec in corpus.inputs for r, f in resolve_spec(spec) if r != "hf"]
+                          + ([] if isinstance(tokenizer, BertTokenizer) else [os.fspath(tokenizer)]))
+    done = _prepare_out_dir(out, manifest_settings, tok_meta, overwrite)
+    if done is not None:
+        return done
+
+    reader_stats: dict = collections.Counter()
+    writers, stats, cpu = _write_shards(corpus, tok, settings, out, workers, progress, reader_stats)
     if reader_stats["raw_documents"] == 0 or (settings.num_slices == 1 and stats["documents"] == 0):
         _clean_out_dir(out)
         raise DataError(f"no documents with text in input(s): {', '.join(corpus.inputs)}")
@@ -448,14 +466,7 @@ def build(corpus: CorpusOptions | list[str] | str, tokenizer: str | BertTokenize
     shards.validate_manifest(manifest, mpath)
     files.write_json(mpath, manifest)  # written last: its presence means the build is complete
 
-    wall = time.time() - t_start
-    st = manifest["stats"]
-    skipped_s = ", ".join(f"{k} {v}" for k, v in {**st["skipped"], **st["repaired"]}.items() if v) or "none"
-    print(f"built {out}: {st['documents']} documents ({st['valid_documents']} valid), "
-          f"{st['examples']} examples (train {splits['train']['samples']}, valid "
-          f"{splits['valid']['samples']}), {st['tokens']} tokens, skipped/repaired: {skipped_s}; "
-          f"{wall:.1f}s wall, {st['tokens'] / max(wall, 1e-9) / workers:,.0f} tokens/s per worker core "
-          f"({workers} workers; {st['tokens'] / max(cpu, 1e-9):,.0f} tokens/s per worker CPU-second)", file=sys.stderr)
+    _print_summary(out, manifest, time.time() - t_start, workers, cpu)
     return manifest
 
 

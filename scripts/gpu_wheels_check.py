@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Is .whl/ complete for the lent GPU machine? (issue #15; filled by scripts/gpu_wheels.sh)
+"""Is .whl/ complete for the lent GPU machine? (filled by scripts/gpu_wheels.sh)
 
 The GPU machine has Python 3.12 with torch, transformers, tokenizers, ... but no network: every other
 distribution the GPU check imports must travel as a cp312/py3 manylinux x86_64 wheel in .whl/, once.
@@ -49,7 +49,7 @@ NOT_CARRIED = {
     "grimp": "the import-graph builder of tests/test_architecture.py (no gpu test), imported inside its functions",
 }
 # Required whatever the scan finds.
-ALWAYS = {"webdataset": "the loader is about to import it at runtime (issue #15)"}
+ALWAYS = {"webdataset": "the loader is about to import it at runtime"}
 # Files a wheel must hold: DeepSpeed's ops are JIT-built on the GPU machine from its sources.
 MUST_CONTAIN = {
     "deepspeed": ["deepspeed/ops/op_builder/builder.py", "deepspeed/ops/op_builder/fused_adam.py",
@@ -218,22 +218,25 @@ class Report:
     total_bytes: int = 0
 
 
-def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *,
-          eager: dict[str, list[Use]] | None = None, pinned=local_version, requires_here=local_requires,
-          max_bytes: int = MAX_MIB << 20, allow_shadow: frozenset = frozenset(),
-          not_carried: dict[str, str] = NOT_CARRIED) -> Report:
-    """Walk the requirements from roots; wheel_dir None = plan only (nothing fetched yet)."""
-    r = Report()
+def _read_wheels(wheel_dir: Path | None, r: Report) -> dict[str, list[Wheel]]:
+    """The wheels of wheel_dir by distribution name; what is not a usable wheel is a problem."""
     wheels: dict[str, list[Wheel]] = {}
-    if wheel_dir is not None and wheel_dir.is_dir():
-        for path in sorted(p for p in wheel_dir.rglob("*") if p.is_file()):
-            r.total_bytes += path.stat().st_size
-            try:
-                w = read_wheel(path)
-            except (InvalidWheelFilename, ValueError, zipfile.BadZipFile, KeyError) as e:
-                r.problems.append(f"{path.name}: not a usable wheel ({e}); the install takes {wheel_dir}/*.whl")
-                continue
-            wheels.setdefault(w.name, []).append(w)
+    if wheel_dir is None or not wheel_dir.is_dir():
+        return wheels
+    for path in sorted(p for p in wheel_dir.rglob("*") if p.is_file()):
+        r.total_bytes += path.stat().st_size
+        try:
+            w = read_wheel(path)
+        except (InvalidWheelFilename, ValueError, zipfile.BadZipFile, KeyError) as e:
+            r.problems.append(f"{path.name}: not a usable wheel ({e}); the install takes {wheel_dir}/*.whl")
+            continue
+        wheels.setdefault(w.name, []).append(w)
+    return wheels
+
+
+def _check_wheel_files(wheels: dict[str, list[Wheel]], device: dict, allow_shadow: frozenset, r: Report) -> None:
+    """Each wheel on its own: one per name, installable on the device, pure where it must be, not shadowing the
+    device's own package unless allowed, holding the sources its ops are JIT-built from."""
     for name, ws in sorted(wheels.items()):
         if len(ws) > 1:
             r.problems.append(f"{name}: {len(ws)} wheels ({', '.join(w.path.name for w in ws)}); keep exactly one")
@@ -252,10 +255,10 @@ def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *
                 if not any(n.startswith(inner) for n in names):
                     r.problems.append(f"{w.path.name}: lacks {inner} (needed to JIT-build its ops)")
 
-    # Walk: who needs what. A device package or a deliberately left one ends a branch.
-    def carried(n: str) -> bool:
-        return n not in not_carried and (n not in device or (n in wheels and n in allow_shadow))
 
+def _walk(roots: Roots, wheels: dict, carried, pinned, requires_here) -> dict[str, list]:
+    """Who needs what: every distribution reached from the roots -> its (requirement, needed by) pairs. A
+    package that is not carried (the device's own, or deliberately left) ends its branch."""
     specs = {name: list(pairs) for name, pairs in roots.items()}
     queue, seen = sorted(specs), set()
     while queue:
@@ -270,9 +273,49 @@ def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *
                     dep = canonicalize_name(req.name)
                     specs.setdefault(dep, []).append((req, f"{name} {pinned(name) or ''}".strip()))
                     queue.append(dep)
+    return {name: specs[name] for name in sorted(seen)}
 
-    for name in sorted(seen):
-        needed_by = specs[name][0][1]
+
+def _judge_device(name: str, have: str | None, pairs: list, r: Report) -> None:
+    for req, why in pairs:
+        if req.specifier and have is None:
+            r.notes.append(f"unverified: {req} ({why}); the device's version is unknown")
+        elif req.specifier and not req.specifier.contains(have, prereleases=True):
+            r.problems.append(f"device has {name} {have}, but {why} needs {req}")
+
+
+def _judge_wheel(name: str, ws: list[Wheel], want: str | None, pairs: list, r: Report) -> None:
+    for req, why in pairs:
+        if not req.specifier.contains(ws[0].version, prereleases=True):
+            r.problems.append(f"{ws[0].path.name}: {why} needs {req}")
+    if want and (len(ws) > 1 or str(ws[0].version) != want):
+        r.problems.append(f"{name}: .whl has {', '.join(str(w.version) for w in ws)}, this venv resolves {want}")
+        r.pins.append(f"{name}=={want}")
+
+
+def _judge_missing(name: str, want: str | None, needed_by: str, fetched: bool, r: Report) -> None:
+    if fetched:
+        r.problems.append(f"missing: {name}{'==' + want if want else ''} (needed by {needed_by})")
+    if want:
+        r.pins.append(f"{name}=={want}")
+    else:
+        r.problems.append(f"cannot pin {name} (needed by {needed_by}): not installed here")
+
+
+def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *,
+          eager: dict[str, list[Use]] | None = None, pinned=local_version, requires_here=local_requires,
+          max_bytes: int = MAX_MIB << 20, allow_shadow: frozenset = frozenset(),
+          not_carried: dict[str, str] = NOT_CARRIED) -> Report:
+    """Walk the requirements from roots; wheel_dir None = plan only (nothing fetched yet)."""
+    r = Report()
+    wheels = _read_wheels(wheel_dir, r)
+    _check_wheel_files(wheels, device, allow_shadow, r)
+
+    def carried(n: str) -> bool:
+        return n not in not_carried and (n not in device or (n in wheels and n in allow_shadow))
+
+    specs = _walk(roots, wheels, carried, pinned, requires_here)
+    for name, pairs in specs.items():
         if name in not_carried:
             r.status[name] = "not carried"
             if (eager or {}).get(name):
@@ -280,33 +323,15 @@ def check(roots: Roots, device: dict[str, str | None], wheel_dir: Path | None, *
                                   f"{', '.join(map(str, eager[name]))}")
         elif not carried(name):
             r.status[name] = "device"
-            have = device[name]
-            for req, why in specs[name]:
-                if req.specifier and have is None:
-                    r.notes.append(f"unverified: {req} ({why}); the device's version is unknown")
-                elif req.specifier and not req.specifier.contains(have, prereleases=True):
-                    r.problems.append(f"device has {name} {have}, but {why} needs {req}")
+            _judge_device(name, device[name], pairs, r)
         elif name in wheels:
             r.status[name] = "wheel"
-            ws, want = wheels[name], pinned(name)
-            for req, why in specs[name]:
-                if not req.specifier.contains(ws[0].version, prereleases=True):
-                    r.problems.append(f"{ws[0].path.name}: {why} needs {req}")
-            if want and (len(ws) > 1 or str(ws[0].version) != want):
-                r.problems.append(f"{name}: .whl has {', '.join(str(w.version) for w in ws)}, "
-                                  f"this venv resolves {want}")
-                r.pins.append(f"{name}=={want}")
+            _judge_wheel(name, wheels[name], pinned(name), pairs, r)
         else:
             r.status[name] = "missing"
-            want = pinned(name)
-            if wheel_dir is not None:
-                r.problems.append(f"missing: {name}{'==' + want if want else ''} (needed by {needed_by})")
-            if want:
-                r.pins.append(f"{name}=={want}")
-            else:
-                r.problems.append(f"cannot pin {name} (needed by {needed_by}): not installed here")
+            _judge_missing(name, pinned(name), pairs[0][1], wheel_dir is not None, r)
     for name, ws in sorted(wheels.items()):
-        if name not in seen:
+        if name not in specs:
             r.notes.append(f"not needed by anything scanned: {', '.join(w.path.name for w in ws)}")
     if r.total_bytes > max_bytes:
         r.problems.append(f"{wheel_dir} holds {r.total_bytes / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB "
