@@ -600,6 +600,14 @@ class PretrainLoader:
         """The stream ranges [start, end) this loader passes over (in global stream positions)."""
         return [tuple(r) for r in self._plan.skips.tolist()]
 
+    def stream_position(self, logical: int) -> int:
+        """The stream position of logical position ``logical`` under the current skips."""
+        return int(self._plan.to_stream(np.int64(logical)))
+
+    def stream_of(self, sd: dict) -> int:
+        """The stream position a state (``state_dict()``) continues at."""
+        return int(sd["epoch"]) * self._plan.used + int(sd["sample_in_epoch"])
+
     def skip(self, ranges) -> None:
         """Also pass over the stream ranges ``ranges`` ([start, end) each, global stream positions, so any world
         size means the same samples); merged with those already skipped. Takes effect from the next iteration,
@@ -676,8 +684,8 @@ class PretrainLoader:
     def state_dict(self) -> dict:
         """``epoch``/``sample_in_epoch``: the stream position of the next sample; ``skips``: the ranges passed
         over (the order is a pure function of seed, epoch, manifest and these)."""
-        stream = int(self._plan.to_stream(np.int64(self.position))) if self.loop else self.position
-        epoch, sample_in_epoch = divmod(stream, self._plan.used) if self.loop else (0, self.position)
+        epoch, sample_in_epoch = (divmod(self.stream_position(self.position), self._plan.used) if self.loop
+                                  else (0, self.position))
         return {
             "skips": [list(r) for r in self.skips],
             "version": STATE_VERSION,
