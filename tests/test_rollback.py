@@ -17,7 +17,8 @@ import yaml
 from bert import BertForPreTraining
 from data.health import DataHealth
 from data.loader import PretrainLoader
-from helpers import tiny_config
+from helpers import REPO, start_ranks, tiny_config, write_ds, write_run
+from test_trainer_hooks import Engine as HooksEngine
 from trainer import audit, checkpoint, checkpoint_files
 from trainer.callbacks import Callback
 from trainer.config import RollbackConfig, TrainConfig
@@ -40,25 +41,17 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class Engine(torch.nn.Module):
-    """A DeepSpeed engine's surface without DeepSpeed: SGD over ``gas`` accumulated micro-batches; checkpoints as
-    one model-states file holding the client state at its top level (DeepSpeed's layout); with ``fp16``, the
+class Engine(HooksEngine):
+    """test_trainer_hooks' engine stand-in (SGD over ``gas`` accumulated micro-batches), plus checkpoints as one
+    model-states file holding the client state at its top level (DeepSpeed's layout) and, with ``fp16``, the
     dynamic loss scale's overflow rule."""
 
     def __init__(self, model, gas: int, fp16: bool, scale: float):
-        super().__init__()
-        self.module, self.gas, self.device, self.skipped_steps = model, gas, torch.device("cpu"), 0
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, foreach=False)
-        self.fp16, self._micro = fp16, 0
+        super().__init__(model, gas)
+        self.fp16 = fp16
         self._config = SimpleNamespace(load_universal_checkpoint=False)
         if fp16:
             self.optimizer.overflow, self.optimizer.cur_scale = False, scale
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
-
-    def backward(self, loss):
-        (loss / self.gas).backward()
 
     def step(self):
         self._micro += 1
@@ -73,12 +66,6 @@ class Engine(torch.nn.Module):
         else:
             self.optimizer.step()
         self.optimizer.zero_grad()
-
-    def gradient_accumulation_steps(self):
-        return self.gas
-
-    def get_global_grad_norm(self):
-        return None
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
@@ -145,9 +132,9 @@ def blow_up_weights(trainer):  # a real spike: the loss climbs far above its rec
             p.mul_(30.0)
 
 
-def ids_of_step(shards, step, gas=GAS):
-    """The sample ids the plain order gives step ``step`` (1-based)."""
-    loader = PretrainLoader(shards, "train", MICRO * gas, seed=SEED, num_workers=0, global_batch=MICRO * gas)
+def ids_of_step(shards, step, g=G, seed=SEED):
+    """The sample ids the plain order gives step ``step`` (1-based) at global batch ``g``."""
+    loader = PretrainLoader(shards, "train", g, seed=seed, num_workers=0, global_batch=g)
     for s, batch in enumerate(loader, start=1):
         if s == step:
             return batch["ids"]
@@ -218,7 +205,8 @@ def test_a_run_that_keeps_diverging_stops_at_the_bound_with_its_history(train_sh
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'step_0000003'}" in err
     off = make(tmp_path / "off", train_shards, rollback=RollbackConfig(enabled=False), callbacks=[fault])
     assert off.train() == EXIT_NONFINITE and off.rollback.history == []
-    assert "stopping at step 6: non-finite loss in fp32 (no loss scaling can skip it). The bad" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopping at step 6: non-finite loss in fp32 (no loss scaling can skip it). The bad" in err
 
 
 def test_a_resume_after_a_rollback_makes_the_same_decisions(train_shards, tmp_path):
@@ -276,3 +264,52 @@ def test_spike_rule_fires_only_on_a_sustained_jump():
     assert d.update(20.0, 1) is None and d.update(20.0, 1) is None
     assert "loss spike: 3 consecutive steps above median" in d.update(20.0, 1)
     assert SpikeDetector(window=20, k=6.0, steps=0).update(1e9, 1) is None  # spike_steps 0: off
+
+
+# A launched run with a fault: the ranks of launcher/pretrain.py, with one callback added to the standard ones.
+FAULTY_PRETRAIN = """
+import os, sys
+sys.path.insert(0, os.environ["REPO"])
+from trainer import callbacks, launch
+from trainer.callbacks import Callback
+
+class LrBlowUp(Callback):  # the update after the step that trained the sample runs at 1e30 x the lr
+    def on_step_end(self, trainer, batches, window):
+        if any(int(os.environ["FAULT_SAMPLE"]) in b["ids"] for b in batches):
+            trainer.schedule.scale(trainer.step, 1, 1e30)
+
+standard = callbacks.standard
+callbacks.standard = lambda: standard() + [LrBlowUp()]
+from launcher.pretrain import main
+sys.exit(launch.main(main, stop_signals=True))
+"""
+
+
+@pytest.mark.integration
+def test_two_ranks_under_zero3_roll_back_together_in_the_process(train_shards, tmp_path, procs):
+    """Two ranks of the real launcher, ZeRO-3 (parameters partitioned: the hardest in-process reload): the
+    rank that trains one sample of step 4 runs step 5's update at 1e30 x the lr, so step 6's loss is NaN on
+    every rank. Both roll back to step 3 together, pass over steps 4-6's samples, finish with exit 0, and the
+    audit accounts for every sample; the checkpoint holds the history."""
+    script = tmp_path / "faulty_pretrain.py"
+    script.write_text(FAULTY_PRETRAIN)
+    ds = write_ds(tmp_path, name="zero3.json", micro=4)
+    out = tmp_path / "run"
+    cfg = write_run(tmp_path, train_shards, out, max_steps=8, warmup_steps=0, save_every=3, log_every=1,
+                    data={"num_workers": 0})
+    sample = ids_of_step(train_shards, 4, g=8, seed=7)[0]  # write_run's seed; 2 ranks x micro 4
+    ranks = start_ranks(procs, tmp_path, ds, cfg, world=2, name="faulty", script=script, REPO=str(REPO),
+                        FAULT_SAMPLE=str(sample))
+    codes = procs.wait(ranks, 600)
+    logs = ["".join(procs.output(p)) for p in ranks]
+    assert codes == [0, 0], logs[0][-4000:] + logs[1][-3000:]
+    recs = read_records(out / "metrics.jsonl")
+    (event,) = [r["rollback"] for r in recs if "rollback" in r]
+    assert (event["step"], event["restored_step"], event["skip"]) == (6, 3, [24, 48])
+    assert "non-finite loss" in event["cause"] and "rolled back to step_0000003" in logs[0]
+    losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    assert sorted(losses) == list(range(1, 9)) and all(isinstance(x, float) for x in losses.values())
+    ok, line = audit.audit_run(str(out))
+    assert ok and "24 skipped on record in 1 rollback(s)" in line, line
+    client = checkpoint_files.read_client_state(str(out / "checkpoints"))
+    assert client["step"] == 8 and client["state"]["rollback"]["history"] == [event]

@@ -88,7 +88,7 @@ class Checkpointer(checkpoint.Checkpointer):
         super().__init__("unused", keep=1, meta={}, every=10 ** 6)
 
     def save(self, engine, step):
-        self.last_saved = f"/nowhere/step_{step:07d}"
+        self.last_saved = f"nowhere/step_{step:07d}"
 
 
 def make_trainer(tmp_path, *, steps: int, log_every: int, gas: int = 2, callbacks=None, seed: int = 0,

@@ -124,6 +124,7 @@ class Rollback:
         refusal = self._refusal(trainer)
         if refusal is not None:
             return cause if not self.cfg.enabled else f"{cause}; not rolled back: {refusal}"
+        trainer.phase = "rollback"
         step, loader, g = trainer.step, trainer.loader, trainer.info.global_batch
         end = trainer.boundary.state_dict()["samples_seen"]  # logical position after the divergent step
         view = trainer.checkpointer.load(trainer.engine, trainer.checkpointer.last_good())

@@ -223,9 +223,7 @@ class Trainer:
                     if verdict.fatal:
                         break
                     win, bar.n = Window(), self.step
-                    self._stream = iter(self.loader)
-                    batches, error = self._fetch()
-                    verdict = self._agree(error)
+                    batches, verdict = self._restart()
                     continue
                 if self.logs_at(self.step):
                     train_time += self._log(win, lr, bar)
@@ -250,6 +248,13 @@ class Trainer:
             if checkpoint_files.tag_for(self.step) != os.path.basename(self.checkpointer.last_saved or ""):
                 self._save()
         return self._finish(verdict, self.step - start, time.perf_counter() - t_start, train_time)
+
+    def _restart(self) -> tuple[list[dict], Verdict]:
+        """After a rollback: the loader's stream from its restored position, the first step's batches and the
+        ranks' agreement on them (as at the start of the loop)."""
+        self._stream = iter(self.loader)
+        batches, error = self._fetch()
+        return batches, self._agree(error)
 
     def _fetch(self) -> tuple[list[dict], Optional[str]]:
         """The next step's micro-batches (accumulation of them), or the error that prevented it."""
