@@ -140,7 +140,8 @@ class Rollback:
                              "samples_skipped": 0, "lr": [restored, self.cfg.lr_steps, self.cfg.lr_factor]})
         self.apply(trainer)
         self.history[-1]["samples_skipped"] = sum(b - a for a, b in loader.skips) - before
-        set_loss_scale(trainer.engine, self.initial_loss_scale)
+        if trainer.info.precision == "fp16":
+            set_loss_scale(trainer.engine, self.initial_loss_scale)
         self._report(trainer, self.history[-1])
         return None
 
