@@ -229,6 +229,18 @@ def test_a_resume_after_a_rollback_makes_the_same_decisions(train_shards, tmp_pa
     assert migrated["state"]["loader"][0]["skips"] == [list(r) for r in healed.loader.skips]
 
 
+def test_the_guards_overflow_count_is_checkpointed(train_shards, tmp_path):
+    """Two overflow steps at the floor before a save, a third after the resume: the resumed run stops there as
+    the uninterrupted one would (its count went on from 2, not from 0)."""
+    t = make(tmp_path, train_shards, fp16=True)
+    t.guard.consecutive = 2
+    t.checkpointer.save(t.engine, 0)
+    again = make(tmp_path, train_shards, fp16=True)
+    again.restore(again.checkpointer.load(again.engine, again.checkpointer.plan((str(tmp_path / "checkpoints"),
+                                                                               None))))
+    assert again.guard.consecutive == 2 and "3 consecutive" in again.guard.update(False, True, 1.0)
+
+
 class Repeating(PretrainLoader):
     """Trains micro-batch 3 twice (``mode`` "repeat") or never ("drop"): the faults the audit must name."""
 
