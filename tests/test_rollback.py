@@ -192,6 +192,21 @@ def test_a_divergence_is_rolled_back_and_ends_as_a_run_that_skipped_its_window(t
                                                             "dropped)")
 
 
+def test_skip_steps_and_the_lr_factor(train_shards, tmp_path):
+    """rollback.skip_steps=2 passes over steps 5-6's samples only (step 4's are trained again); lr_factor 0.5
+    for 2 steps halves the lr of the two steps after the restored one, and only those."""
+    from trainer.schedule import lr_at
+
+    t = make(tmp_path, train_shards, callbacks=[Fault(nan_weights, sample_id=ids_of_step(train_shards, 5)[0])],
+             rollback=RollbackConfig(skip_steps=2, lr_factor=0.5, lr_steps=2))
+    assert t.train() == 0
+    (event,) = t.rollback.history
+    assert event["skip"] == [4 * G, 6 * G] and event["samples_skipped"] == 2 * G and event["lr"] == [3, 2, 0.5]
+    lrs = {r["step"]: r["lr"] for r in read_records(tmp_path / "metrics.jsonl") if "lr" in r}
+    assert [lrs[s] / lr_at(s - 1, 0.01, 0, 8) for s in range(1, 9)] == pytest.approx([1, 1, 1, .5, .5, 1, 1, 1])
+    assert audit.audit_run(str(tmp_path))[0]
+
+
 def test_a_run_that_keeps_diverging_stops_at_the_bound_with_its_history(train_shards, tmp_path, capsys):
     """Every step from 5 on poisons the weights: two rollbacks (rollback.max_rollbacks=2), then the third
     divergence stops the run as a non-finite loss always did (exit 3, the last good checkpoint named), with the
