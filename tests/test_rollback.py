@@ -226,7 +226,8 @@ def test_a_run_that_keeps_diverging_stops_at_the_bound_with_its_history(train_sh
 
 def test_a_resume_after_a_rollback_makes_the_same_decisions(train_shards, tmp_path):
     """The history, the skips, the spike window and the guard's count come back from the checkpoint: a resumed
-    run continues with the same batches; a version-1 client state (no registry) still restores."""
+    run continues with the same batches; a checkpoint of client-state version 1 (its parts at the top level,
+before components registered) still loads, through ``migrate``."""
     healed = make(tmp_path, train_shards, callbacks=[Fault(nan_weights, sample_id=ids_of_step(train_shards, 5)[0])],
                   steps=7)
     assert healed.train() == 0
@@ -242,6 +243,11 @@ def test_a_resume_after_a_rollback_makes_the_same_decisions(train_shards, tmp_pa
     migrated = checkpoint.migrate(v1)
     assert migrated["state_version"] == 2 and migrated["state"]["trainer"]["samples_seen"] == 56
     assert migrated["state"]["loader"][0]["skips"] == [list(r) for r in healed.loader.skips]
+    again.engine.save_checkpoint(str(tmp_path / "v1"), "step_0000007", {**v1, "world_size": 1}, False)
+    old = make(tmp_path / "old", train_shards, steps=9)
+    old.restore(old.checkpointer.load(old.engine, checkpoint.Resume(str(tmp_path / "v1"), "step_0000007", 1)))
+    assert (old.step, old.samples_seen, old.tokens_seen) == (7, 56, 9) and old.rollback.history == []
+    assert next(iter(old.loader))["ids"] == next_ids  # its position and skips came through the loader part
 
 
 def test_the_guards_overflow_count_is_checkpointed(train_shards, tmp_path):
