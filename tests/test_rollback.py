@@ -318,31 +318,46 @@ sys.exit(launch.main(main, stop_signals=True))
 """
 
 
+def launch_faulty(procs, tmp, ds, cfg, sample, world, name, *overrides):
+    script = tmp / "faulty_pretrain.py"
+    script.write_text(FAULTY_PRETRAIN)
+    ranks = start_ranks(procs, tmp, ds, cfg, *overrides, world=world, name=name, script=script, REPO=str(REPO),
+                        FAULT_SAMPLE=str(sample))
+    codes = procs.wait(ranks, 600)
+    logs = ["".join(procs.output(p)) for p in ranks]
+    assert codes == [0] * world, "\n".join(log[-3000:] for log in logs)
+    return logs[0]
+
+
 @pytest.mark.integration
-def test_two_ranks_under_zero3_roll_back_together_in_the_process(train_shards, tmp_path, procs):
+def test_zero3_ranks_roll_back_together_in_the_process_also_after_a_resume_on_fewer(train_shards, tmp_path,
+                                                                                     procs):
     """Two ranks of the real launcher, ZeRO-3 (parameters partitioned: the hardest in-process reload): the
     rank that trains one sample of step 4 runs step 5's update at 1e30 x the lr, so step 6's loss is NaN on
-    every rank. Both roll back to step 3 together, pass over steps 4-6's samples, finish with exit 0, and the
-    audit accounts for every sample; the checkpoint holds the history."""
-    script = tmp_path / "faulty_pretrain.py"
-    script.write_text(FAULTY_PRETRAIN)
+    every rank. Both roll back to step 3 together, pass over steps 4-6's samples and finish (exit 0). Then the
+    run resumes from step 6 on one rank (DeepSpeed's universal conversion, the same global batch) and a sample
+    of its step 7 does the same (NaN at step 9): it rolls back to that universal checkpoint, past steps 7-9.
+    The audit accounts for every sample across both rollbacks and the rank change; the checkpoint holds both
+    in its history."""
     ds = write_ds(tmp_path, name="zero3.json", micro=4)
     out = tmp_path / "run"
     cfg = write_run(tmp_path, train_shards, out, max_steps=8, warmup_steps=0, save_every=3, log_every=1,
                     data={"num_workers": 0})
-    sample = ids_of_step(train_shards, 4, g=8, seed=7)[0]  # write_run's seed; 2 ranks x micro 4
-    ranks = start_ranks(procs, tmp_path, ds, cfg, world=2, name="faulty", script=script, REPO=str(REPO),
-                        FAULT_SAMPLE=str(sample))
-    codes = procs.wait(ranks, 600)
-    logs = ["".join(procs.output(p)) for p in ranks]
-    assert codes == [0, 0], logs[0][-4000:] + logs[1][-3000:]
+    log = launch_faulty(procs, tmp_path, ds, cfg, ids_of_step(train_shards, 4, g=8, seed=7)[0], 2, "faulty")
     recs = read_records(out / "metrics.jsonl")
     (event,) = [r["rollback"] for r in recs if "rollback" in r]
     assert (event["step"], event["restored_step"], event["skip"]) == (6, 3, [24, 48])
-    assert "non-finite loss" in event["cause"] and "rolled back to step_0000003" in logs[0]
-    losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
-    assert sorted(losses) == list(range(1, 9)) and all(isinstance(x, float) for x in losses.values())
+    assert "non-finite loss" in event["cause"] and "rolled back to step_0000003" in log
+    assert sorted(r["step"] for r in recs if "loss" in r) == list(range(1, 9))
+
+    order = PretrainLoader(train_shards, "train", 8, seed=7, num_workers=0, global_batch=8)
+    order.skip([(24, 48)])
+    sample = [b["ids"] for _, b in zip(range(7), order)][-1][0]  # step 7 after the first rollback
+    log = launch_faulty(procs, tmp_path, ds, cfg, sample, 1, "resumed", "train.max_steps=10",
+                        f"train.resume={out / 'checkpoints' / 'step_0000006'}", "ds.gradient_accumulation_steps=2")
+    assert "written by 2 rank(s), this run has 1" in log and "rolled back to step_0000006" in log
+    history = checkpoint_files.read_client_state(str(out / "checkpoints"))["state"]["rollback"]["history"]
+    assert [(e["step"], e["restored_step"], e["skip"]) for e in history] == [(6, 3, [24, 48]), (9, 6, [72, 96])]
     ok, line = audit.audit_run(str(out))
-    assert ok and "24 skipped on record in 1 rollback(s)" in line, line
-    client = checkpoint_files.read_client_state(str(out / "checkpoints"))
-    assert client["step"] == 8 and client["state"]["rollback"]["history"] == [event]
+    assert ok and line.startswith("accounted: steps 1-10 trained 80 samples"), line
+    assert "48 skipped on record in 2 rollback(s)" in line, line
