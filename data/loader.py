@@ -20,7 +20,7 @@ count):
    e.g. the data that led a run into a divergence (trainer.rollback). Positions above are *logical* (samples
    handed out); logical ``v`` is stream position ``v`` plus the lengths of the skipped ranges at or before it.
    With no skips the two are the same. Every batch carries the global ``ids`` of its samples (manifest order),
-   which the plan alone recomputes (``_Plan.sample_ids``; trainer.audit checks runs against it).
+   which the plan alone recomputes (``PretrainLoader.ids_at``; trainer.audit checks runs against it).
 
 Exact resume: the main-process iterator counts batches as it yields them (not what workers prefetched);
 ``state_dict()`` turns that into global samples (``sample_in_epoch``), ``load_state_dict`` turns it back into
@@ -603,6 +603,20 @@ class PretrainLoader:
     def stream_position(self, logical: int) -> int:
         """The stream position of logical position ``logical`` under the current skips."""
         return int(self._plan.to_stream(np.int64(logical)))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples an epoch trains (training: whole global batches of the split; eval: all of it)."""
+        return self._plan.used
+
+    def ids_at(self, logical) -> np.ndarray:
+        """The global sample ids (manifest order) at logical positions ``logical`` under the current skips,
+        from the plan alone: what batches carry as ``ids`` (trainer.audit checks runs against it)."""
+        epoch, pos = np.divmod(self._plan.to_stream(np.asarray(logical, np.int64)), self._plan.used)
+        ids = np.empty_like(pos)
+        for e in np.unique(epoch).tolist():
+            ids[epoch == e] = self._plan.sample_ids(e, pos[epoch == e])
+        return ids
 
     def stream_of(self, sd: dict) -> int:
         """The stream position a state (``state_dict()``) continues at."""

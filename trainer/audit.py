@@ -101,27 +101,21 @@ def recorded(records: list[dict]) -> tuple[dict[int, int], list[tuple[int, int]]
     return digests, skips, rollbacks
 
 
-def expected(plan, global_batch: int, steps: int) -> list[int]:
-    """The digest each step 1..``steps`` must have under ``plan`` (data.loader's, with its skips)."""
-    v = np.arange(steps * global_batch, dtype=np.int64)
-    epoch, pos = np.divmod(plan.to_stream(v), plan.used)
-    ids = np.empty_like(v)
-    for e in np.unique(epoch).tolist():
-        ids[epoch == e] = plan.sample_ids(e, pos[epoch == e])
+def expected(loader, global_batch: int, steps: int) -> list[int]:
+    """The digest each step 1..``steps`` must have under ``loader``'s plan and skips (data.loader)."""
+    ids = loader.ids_at(np.arange(steps * global_batch, dtype=np.int64))
     return [digest_of(ids[s * global_batch:(s + 1) * global_batch]) for s in range(steps)]
 
 
-def check(records: list[dict], plan, global_batch: int, last_step: Optional[int] = None) -> tuple[bool, str]:
-    """(accounted, one summary line) of a run's metrics records against the loader ``plan`` (world 1, without
-    skips: the records' are added here)."""
-    from data.loader import merge_ranges
-
+def check(records: list[dict], loader, global_batch: int) -> tuple[bool, str]:
+    """(accounted, one summary line) of a run's metrics records against a training ``loader`` of the run's
+    seed and shards (no skips of its own: the records' are added here)."""
     digests, skips, rollbacks = recorded(records)
-    plan.skips = merge_ranges(skips)
-    steps = max(digests, default=0) if last_step is None else last_step
+    loader.skip(skips)
+    steps = max(digests, default=0)
     if steps == 0:
         return False, "no step digests recorded (metrics.jsonl has no samples_digest)"
-    want = expected(plan, global_batch, steps)
+    want = expected(loader, global_batch, steps)
     by_digest = {d: s + 1 for s, d in enumerate(want)}
     for s in range(1, steps + 1):
         if s not in digests:
@@ -131,11 +125,11 @@ def check(records: list[dict], plan, global_batch: int, last_step: Optional[int]
             why = (f"it trained the samples of step {other} (a batch {'repeated' if other < s else 'dropped'})"
                    if other else "its samples are not the plan's (a batch repeated, dropped, or lost to damage)")
             return False, f"step {s}: {why}"
-    skipped = int(sum(b - a for a, b in plan.skips.tolist()))
-    epochs = int(plan.to_stream(np.int64(steps * global_batch - 1)) // plan.used) + 1
+    skipped = sum(b - a for a, b in loader.skips)
+    epochs = loader.stream_position(steps * global_batch - 1) // loader.samples_per_epoch + 1
     return True, (f"accounted: steps 1-{steps} trained {steps * global_batch} samples, each once in its epoch "
-                  f"(epochs 0-{epochs - 1} of {plan.used} used samples of {plan.N}); {skipped} skipped on record in "
-                  f"{rollbacks} rollback(s)")
+                  f"(epochs 0-{epochs - 1} of {loader.samples_per_epoch} used samples of {loader.num_samples}); "
+                  f"{skipped} skipped on record in {rollbacks} rollback(s)")
 
 
 def audit_run(run_dir: str, shards: Optional[str] = None) -> tuple[bool, str]:
@@ -149,7 +143,7 @@ def audit_run(run_dir: str, shards: Optional[str] = None) -> tuple[bool, str]:
     g = int(ds["train_batch_size"])
     loader = PretrainLoader(shards or cfg["data"]["train"], "train", g, seed=int(cfg["train"]["seed"]),
                             num_workers=0, shuffle=True, loop=True, global_batch=g)
-    return check(read_records(os.path.join(run_dir, "metrics.jsonl")), loader._plan, g)
+    return check(read_records(os.path.join(run_dir, "metrics.jsonl")), loader, g)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
