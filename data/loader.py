@@ -18,7 +18,7 @@ count):
    identical for any ``num_workers``.
 5. Skips (training only): ranges [a, b) of the endless stream (epoch * used + position) that are passed over,
    e.g. the data that led a run into a divergence (trainer.rollback). Positions above are *logical* (samples
-   handed out); logical ``v`` is stream position ``v`` plus the lengths of the skipped ranges at or before it.
+   handed out); logical ``v`` sits at stream position ``v`` plus the lengths of the skipped ranges before it.
    With no skips the two are the same. Every batch carries the global ``ids`` of its samples (manifest order),
    which the plan alone recomputes (``PretrainLoader.ids_at``; trainer.audit checks runs against it).
 
