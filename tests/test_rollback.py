@@ -84,7 +84,7 @@ class Engine(HooksEngine):
 
 
 def make(tmp, shards, *, steps=8, fp16=False, rollback=None, callbacks=(), loader_cls=PretrainLoader, skips=(),
-         save_every=3, gas=GAS):
+         save_every=3, gas=GAS, log_every=1, resume_step=None):
     """A Trainer over the real loader and Checkpointer in run folder ``tmp``; dropout on (its RNG streams must
     come back with a rollback too)."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def make(tmp, shards, *, steps=8, fp16=False, rollback=None, callbacks=(), loade
     engine = Engine(model, gas, fp16=fp16, scale=2.0)
     loader = loader_cls(shards, "train", MICRO, seed=SEED, num_workers=0, global_batch=MICRO * gas)
     loader.skip(list(skips))
-    cfg = TrainConfig(max_steps=steps, log_every=1, eval_every=0, output_dir=str(tmp), warmup_steps=0,
+    cfg = TrainConfig(max_steps=steps, log_every=log_every, eval_every=0, output_dir=str(tmp), warmup_steps=0,
                       max_nonfinite=1)
     info = RunInfo(rank=0, world=1, precision="fp16" if fp16 else "fp32", global_batch=MICRO * gas, peak_lr=0.01,
                    warmup=0, peak_tflops=1.0, flops=flop_counts(model), ds_path="ds.json", initial_loss_scale=2.0)
@@ -101,7 +101,8 @@ def make(tmp, shards, *, steps=8, fp16=False, rollback=None, callbacks=(), loade
                                    every=save_every)
     (tmp / "config.yaml").write_text(yaml.safe_dump({"data": {"train": shards}, "train": {"seed": SEED}}))
     (tmp / "ds_config.json").write_text(f'{{"train_batch_size": {MICRO * gas}}}')
-    return Trainer(engine, loader, cfg, info, metrics=MetricsWriter(str(tmp), enabled=True), checkpointer=ckpt,
+    return Trainer(engine, loader, cfg, info, metrics=MetricsWriter(str(tmp), enabled=True, resume_step=resume_step),
+                   checkpointer=ckpt,
                    health=DataHealth(0, 1.0, 10), log=lambda m: None, callbacks=list(callbacks),
                    rollback=Rollback(rollback or RollbackConfig(), initial_loss_scale=2.0))
 
@@ -260,6 +261,25 @@ def test_the_guards_overflow_count_is_checkpointed(train_shards, tmp_path):
     again.restore(again.checkpointer.load(again.engine, again.checkpointer.plan((str(tmp_path / "checkpoints"),
                                                                                None))))
     assert again.guard.consecutive == 2 and "3 consecutive" in again.guard.update(False, True, 1.0)
+
+
+def test_digests_not_yet_logged_travel_in_the_checkpoint(train_shards, tmp_path):
+    """Log every 2 steps, save every 3, a crash during step 5: the step-4 line (step 3's and 4's digests) is set
+    aside by the resume from step 3, so step 3's digest must come back from the checkpoint; the audit then
+    accounts for steps 1-6."""
+    class Crash(Callback):
+        def on_step_end(self, trainer, batches, window):
+            if trainer.step == 5:
+                raise RuntimeError("the node died")
+
+    with pytest.raises(RuntimeError):
+        make(tmp_path, train_shards, steps=6, log_every=2, callbacks=[Crash()]).train()
+    again = make(tmp_path, train_shards, steps=6, log_every=2, resume_step=3)
+    view = again.checkpointer.load(again.engine, again.checkpointer.plan((str(tmp_path / "checkpoints"), None)))
+    again.restore(view)
+    assert view["state"]["audit"]["pending"][0][0] == 3 and again.train() == 0
+    ok, line = audit.audit_run(str(tmp_path))
+    assert ok and line.startswith("accounted: steps 1-6"), line
 
 
 class Repeating(PretrainLoader):
