@@ -1,6 +1,7 @@
 """Exact-resume streaming loader for the pretraining shards (tar shards + manifest.json of ``data.shards``).
 
-Order (a pure function of seed, epoch and the manifest; nothing depends on timing or worker count):
+Order (a pure function of seed, epoch, the manifest and the skip list; nothing depends on timing or worker
+count):
 
 1. Epoch ``e`` permutes the split's shards with ``rng(seed, e)`` (manifest order when ``shuffle=False``).
 2. Consecutive groups of ``block_shards`` shards form *shuffle blocks*; the samples of block ``b`` are
@@ -15,6 +16,11 @@ Order (a pure function of seed, epoch and the manifest; nothing depends on timin
    starts at ``g0``, DataLoader worker ``w`` produces batches with ``(g - g0) % num_workers == w``, which
    is exactly the order in which torch's DataLoader round-robins over workers. The batch sequence is thus
    identical for any ``num_workers``.
+5. Skips (training only): ranges [a, b) of the endless stream (epoch * used + position) that are passed over,
+   e.g. the data that led a run into a divergence (trainer.rollback). Positions above are *logical* (samples
+   handed out); logical ``v`` sits at stream position ``v`` plus the lengths of the skipped ranges before it.
+   With no skips the two are the same. Every batch carries the global ``ids`` of its samples (manifest order),
+   which the plan alone recomputes (``PretrainLoader.ids_at``; trainer.audit checks runs against it).
 
 Exact resume: the main-process iterator counts batches as it yields them (not what workers prefetched);
 ``state_dict()`` turns that into global samples (``sample_in_epoch``), ``load_state_dict`` turns it back into
@@ -178,6 +184,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def merge_ranges(ranges) -> np.ndarray:
+    """(n, 2) int64 of the union of [start, end) ranges, sorted and non-overlapping; empty ranges dropped."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if int(b) > int(a)):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return np.asarray(out, np.int64).reshape(-1, 2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The deterministic plan (picklable; shared by the main process and the workers)
 # ---------------------------------------------------------------------------------------------------
@@ -190,8 +207,10 @@ class _Plan:
     world size continues at the same q. Eval (not loop): one pass of all N positions, q0 = 0."""
 
     def __init__(self, *, names: list[str], paths: list[str], counts: np.ndarray, rank: int, world_size: int,
-                 micro_batch: int, seed: int, shuffle: bool, loop: bool, block_shards: int, global_batch: int):
+                 micro_batch: int, seed: int, shuffle: bool, loop: bool, block_shards: int, global_batch: int,
+                 skips: np.ndarray | None = None):
         self.names, self.paths = names, paths
+        self.skips = np.zeros((0, 2), np.int64) if skips is None else skips  # (n, 2) stream [start, end), sorted
         self.counts = counts  # (n_shards,) int64
         self.rank, self.world, self.B = rank, world_size, micro_batch
         self.seed, self.shuffle, self.loop, self.K = seed, shuffle, loop, block_shards
@@ -229,21 +248,62 @@ class _Plan:
         """Micro batches of this rank from stream position q0: None (endless) when training."""
         return None if self.loop else _ceil_div(max(0, _ceil_div(self.N - q0, self.world)), self.B)
 
+    def to_stream(self, v: np.ndarray) -> np.ndarray:
+        """Stream positions of the logical positions ``v`` (the count of samples handed out before them): each
+        skipped range [a, b) pushes every position at or past a by b - a. Skips [(4, 6)]: v 3, 4, 5 -> 3, 6, 7."""
+        q = np.asarray(v, np.int64).copy()
+        for a, b in self.skips.tolist():  # ascending, so q already holds the earlier ranges' shift
+            q[q >= a] += b - a
+        return q
+
+    def to_logical(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logical position, skipped?) of stream positions ``q``; the inverse of ``to_stream`` off the skips."""
+        q = np.asarray(q, np.int64)
+        v, skipped = q.copy(), np.zeros(q.shape, bool)
+        for a, b in self.skips.tolist():
+            skipped |= (q >= a) & (q < b)
+            v -= np.clip(q - a, 0, b - a)  # the part of [a, b) below q
+        return v, skipped
+
     def positions(self, q0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(epoch, position) of each sample of micro batch k; short or empty past the end in eval."""
+        """(epoch, position) of each sample of micro batch k, from logical start ``q0``; short or empty past the
+        end in eval."""
         q = q0 + (k * self.B + np.arange(self.B, dtype=np.int64)) * self.world + self.rank  # (B,)
         if not self.loop:
             q = q[q < self.N]
             return np.zeros_like(q), q
-        return np.divmod(q, self.used)
+        return np.divmod(self.to_stream(q), self.used)
 
     def needed(self, q0: int, epoch: int, block: int, w: int, nw: int) -> np.ndarray:
-        """Positions of ``block`` of ``epoch`` that DataLoader worker w of nw emits from q0 on (sorted)."""
+        """Positions of ``block`` of ``epoch`` that DataLoader worker w of nw emits from logical q0 on (sorted)."""
         _, block_starts, _ = self.layout(epoch)
         p = np.arange(block_starts[block], min(block_starts[block + 1], self.used), dtype=np.int64)
-        q = epoch * self.used + p - q0
-        keep = (q >= 0) & (q % self.world == self.rank)
+        if self.loop:
+            v, skipped = self.to_logical(epoch * self.used + p)
+            q, keep = v - q0, ~skipped
+        else:
+            q, keep = p - q0, np.ones(p.shape, bool)
+        keep &= (q >= 0) & (q % self.world == self.rank)
         return p[keep & ((q // self.world // self.B) % nw == w)]
+
+    def sample_ids(self, epoch: int, pos: np.ndarray) -> np.ndarray:
+        """Global ids (manifest order: shard offset + index in its shard) of the samples at ``pos`` of ``epoch``:
+        what the audit (trainer.audit) recomputes from the plan alone, without reading a shard."""
+        order, block_starts, cum = self.layout(epoch)
+        pos = np.asarray(pos, np.int64)
+        b = np.searchsorted(block_starts, pos, side="right") - 1
+        at = np.empty_like(pos)  # position of each sample in the epoch's shard order
+        for bb in np.unique(b).tolist():
+            mask = b == bb
+            perm = self.block_perm(epoch, bb, int(block_starts[bb + 1] - block_starts[bb]))
+            at[mask] = block_starts[bb] + perm[pos[mask] - block_starts[bb]]
+        s = np.searchsorted(cum, at, side="right") - 1
+        return self.offsets[order[s]] + at - cum[s]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(n_shards+1,) id of each shard's first sample in manifest order."""
+        return np.concatenate([[0], np.cumsum(self.counts)])
 
 
 class _Block:
@@ -294,6 +354,11 @@ class _Block:
         i = int(np.searchsorted(self.shard_start, sample, side="right")) - 1
         return plan.names[self.shards[i]]
 
+    def sample_id(self, plan: _Plan, sample: int) -> int:
+        """The global id of sample-in-block ``sample`` (as _Plan.sample_ids numbers it)."""
+        i = int(np.searchsorted(self.shard_start, sample, side="right")) - 1
+        return int(plan.offsets[self.shards[i]] + sample - self.shard_start[i])
+
 
 class _Stream(IterableDataset):
     """Micro batches k = 0, 1, ... of one rank from stream position q0; DataLoader worker w of nw emits
@@ -337,6 +402,7 @@ class _Stream(IterableDataset):
                 elif isinstance(d, tuple):
                     notes.append(d)
                 else:
+                    d["__id__"] = blk.sample_id(plan, sample)
                     rows.append(d)
             if not rows:  # every sample lost: a stand-in, so this rank still joins the step's collectives
                 batch = self._padding_batch(k)
@@ -393,8 +459,8 @@ class _Stream(IterableDataset):
         # them with torch.from_numpy (no copy)
         return {"input_ids": ids, "token_type_ids": tt, "attention_mask": am, "masked_lm_positions": mpos,
                 "masked_lm_ids": mids, "masked_lm_weights": mw, "next_sentence_label": nsp,
-                "keys": [d["__key__"] for d in rows], "no_padding": bool(am.all()), "tokens": int(am.sum()),
-                "predictions": int(mw.sum())}
+                "keys": [d["__key__"] for d in rows], "ids": [d.get("__id__", -1) for d in rows],
+                "no_padding": bool(am.all()), "tokens": int(am.sum()), "predictions": int(mw.sum())}
 
     def _padding_batch(self, k: int) -> dict:
         """One dummy row ([CLS] [SEP], no predictions) so the rank still runs the step's collectives (ZeRO's
@@ -404,7 +470,7 @@ class _Stream(IterableDataset):
                "masked_lm_positions": np.zeros(0, np.int64), "masked_lm_ids": np.zeros(0, np.int64),
                "next_sentence_label": 0}
         batch = self._collate([row])
-        batch["keys"] = []
+        batch["keys"], batch["ids"] = [], []
         batch["is_padding"] = True
         batch.update(_k=k, _read=0, _missing=0, _bad_shards=[], _opened=[], _notes=[])
         return batch
@@ -525,8 +591,44 @@ class PretrainLoader:
 
     @property
     def position(self) -> int:
-        """Stream position of the next sample this loader yields (all ranks together)."""
+        """Logical position of the next sample this loader yields: samples handed out so far, all ranks together
+        (the stream position too while nothing is skipped)."""
         return self._q0 + self._next_k * self.micro_batch * self.world_size
+
+    @property
+    def skips(self) -> list[tuple[int, int]]:
+        """The stream ranges [start, end) this loader passes over (in global stream positions)."""
+        return [tuple(r) for r in self._plan.skips.tolist()]
+
+    def stream_position(self, logical: int) -> int:
+        """The stream position of logical position ``logical`` under the current skips."""
+        return int(self._plan.to_stream(np.int64(logical)))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples an epoch trains (training: whole global batches of the split; eval: all of it)."""
+        return self._plan.used
+
+    def ids_at(self, logical) -> np.ndarray:
+        """The global sample ids (manifest order) at logical positions ``logical`` under the current skips,
+        from the plan alone: what batches carry as ``ids`` (trainer.audit checks runs against it)."""
+        epoch, pos = np.divmod(self._plan.to_stream(np.asarray(logical, np.int64)), self._plan.used)
+        ids = np.empty_like(pos)
+        for e in np.unique(epoch).tolist():
+            ids[epoch == e] = self._plan.sample_ids(e, pos[epoch == e])
+        return ids
+
+    def stream_of(self, sd: dict) -> int:
+        """The stream position a state (``state_dict()``) continues at."""
+        return int(sd["epoch"]) * self._plan.used + int(sd["sample_in_epoch"])
+
+    def skip(self, ranges) -> None:
+        """Also pass over the stream ranges ``ranges`` ([start, end) each, global stream positions, so any world
+        size means the same samples); merged with those already skipped. Takes effect from the next iteration,
+        at the same logical position; a range behind it moves nothing (rewind with load_state_dict first)."""
+        if not self.loop and ranges:
+            raise ValueError("only a training (loop) loader skips ranges")
+        self._plan.skips = merge_ranges(self.skips + [tuple(r) for r in ranges])
 
     def _bounded(self, source: Iterator[dict]) -> Iterator[dict]:
         """Batches of the DataLoader, waiting at most ``timeout_s`` for each. The DataLoader's own timeout is
@@ -594,8 +696,12 @@ class PretrainLoader:
                 "opened": dict(self._opened), "damaged": {k: dict(v) for k, v in self._damaged.items()}}
 
     def state_dict(self) -> dict:
-        epoch, sample_in_epoch = divmod(self.position, self._plan.used) if self.loop else (0, self.position)
+        """``epoch``/``sample_in_epoch``: the stream position of the next sample; ``skips``: the ranges passed
+        over (the order is a pure function of seed, epoch, manifest and these)."""
+        epoch, sample_in_epoch = (divmod(self.stream_position(self.position), self._plan.used) if self.loop
+                                  else (0, self.position))
         return {
+            "skips": [list(r) for r in self.skips],
             "version": STATE_VERSION,
             "epoch": epoch,
             "sample_in_epoch": sample_in_epoch,  # global samples (all ranks) consumed in this epoch
@@ -632,7 +738,8 @@ class PretrainLoader:
                     f"would have")
         if self.loop and sie >= self._plan.used:  # an epoch of whole new global batches ends earlier
             epoch, sie = epoch + 1, 0
-        self._q0 = epoch * self._plan.used + sie if self.loop else sie
+        self._plan.skips = merge_ranges([tuple(r) for r in sd.get("skips", ())])  # none before skips existed
+        self._q0 = int(self._plan.to_logical(np.int64(epoch * self._plan.used + sie))[0]) if self.loop else sie
         self._next_k = 0
         self._resume_pending = True
         return note

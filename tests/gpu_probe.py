@@ -110,8 +110,8 @@ def host(ckpt_dir: str) -> dict:
     meta = {"tokenizer_fingerprint": "probe", "max_seq_len": batch["input_ids"].shape[1],
             "model_config": model.config.to_dict()}
     ckpt = checkpoint.Checkpointer(ckpt_dir, keep=1, meta=meta)
-    state = {"step": 1, "samples_seen": 4, "tokens_seen": 0, "data_state": {}, "rng": rng.state()}
-    path = ckpt.save(engine, state)
+    ckpt.register("rng", rng.Streams(), per_rank=True)
+    path = ckpt.save(engine, 1)
     ckpt.load(engine, ckpt.plan((ckpt_dir, os.path.basename(path))))
     from deepspeed.accelerator import get_accelerator
 

@@ -120,14 +120,15 @@ def base_env(**extra) -> dict:
 PRETRAIN = REPO / "launcher" / "pretrain.py"
 
 
-def start_ranks(procs, tmp, ds, cfg, *overrides, world=2, name="ranks"):
-    """``world`` ranks of launcher/pretrain.py on this host (the env:// rendezvous torchrun would set up)."""
+def start_ranks(procs, tmp, ds, cfg, *overrides, world=2, name="ranks", script=PRETRAIN, **extra_env):
+    """``world`` ranks of launcher/pretrain.py (or a ``script`` in its place) on this host (the env:// rendezvous
+    torchrun would set up)."""
     import sys
 
     from trainer.dist import free_port
 
-    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return [procs.start([sys.executable, PRETRAIN, "--deepspeed", ds, "--config", cfg, *overrides],
+    env = base_env(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra_env)
+    return [procs.start([sys.executable, script, "--deepspeed", ds, "--config", cfg, *overrides],
                         Path(tmp) / f"{name}{r}", env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, start_ranks, train_records, write_run
+from trainer.audit import audit_run
 from trainer.checkpoint import UNIVERSAL, universal_complete
 from trainer.checkpoint_files import tag_for
 
@@ -94,6 +95,8 @@ def test_two_ranks_to_one_converts_once_reuses_and_redoes_a_damaged_conversion(r
     got, log, run_dir = resume_on(procs, runs, tmp_path, 2, 2, 1)
     assert "written by 2 rank(s), this run has 1" in log and "converted " in log
     assert_continues(got, runs[(2, 2)]["recs"])
+    ok, line = audit_run(str(run_dir))  # steps 1-3 on two ranks, 4-6 on one: each sample once
+    assert ok and line.startswith(f"accounted: steps 1-{STEPS} trained {16 * STEPS} samples"), line
     uni = run_dir / "checkpoints" / (tag_for(SAVE) + UNIVERSAL)
     stamp = uni.stat().st_mtime_ns
     _, log2, _ = resume_on(procs, runs, tmp_path, 2, 2, 1, copy=False)  # resume again from the same checkpoint

@@ -271,9 +271,25 @@ engine = build_engine(BertForPreTraining(cfg), {"train_micro_batch_size_per_gpu"
 meta = {"tokenizer_fingerprint": "ckf", "max_seq_len": 32, "model_config": cfg.to_dict()}
 ckpt = checkpoint.Checkpointer(ckpt_dir, 2, meta)
 
+class Position:  # the registered parts of a run: its counters, a loader's position, the RNG streams
+    step = 0
+    def state_dict(self):
+        return {"step": self.step, "samples_seen": self.step, "tokens_seen": self.step}
+    def load_state_dict(self, sd):
+        self.step = sd["step"]
+
+class Loader(Position):
+    def state_dict(self):
+        return {"epoch": 0, "sample_in_epoch": self.step}
+
+counters, loader = Position(), Loader()
+ckpt.register("trainer", counters)
+ckpt.register("loader", loader, per_rank=True)
+ckpt.register("rng", rng.Streams(), per_rank=True)
+
 def state(step):
-    return {"step": step, "samples_seen": step, "tokens_seen": step, "rng": rng.state(),
-            "data_state": {"epoch": 0, "sample_in_epoch": step}}
+    counters.step = loader.step = step
+    return step
 
 def names_latest(path):
     return "latest" in os.path.basename(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else False

@@ -110,7 +110,7 @@ def test_collate_matches_stored_samples(shard_dir, oracle):
     loader = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3)
     assert loader.batches_per_epoch == 200 // 8
     for batch in take(loader, loader.batches_per_epoch):
-        assert set(batch) == {"keys", "is_padding", "no_padding", "tokens", "predictions", *MODEL_INPUT_KEYS}
+        assert set(batch) == {"keys", "ids", "is_padding", "no_padding", "tokens", "predictions", *MODEL_INPUT_KEYS}
         assert not batch["is_padding"]
         am = batch["attention_mask"]
         assert batch["no_padding"] == bool(am.all()) and batch["tokens"] == int(am.sum())
@@ -442,3 +442,48 @@ def test_shards_of_other_tools_read_as_webdataset_reads_them(tmp_path):
         assert [r["__key__"] for r in raws] == ["a" * 120 + "/s1", "s2", "dir/s3"]
         assert raws[0]["json"] == ("a" * 120 + "/s1.json").encode() * 3
         assert set(raws[2]) - {"__url__"} == {"__key__", "bin", "txt"}  # extensions lower-cased
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skips: ranges of the stream passed over (trainer.rollback), part of the order and of the state
+
+
+def test_a_skipped_range_is_the_unskipped_order_without_it(shard_dir):
+    """Skipping stream range [16, 40) of world 2 x micro 4: the batches are the plain order's with those samples
+    left out, across an epoch end (200 samples -> 200 used per epoch at global batch 8); ids match the plan's."""
+    plain = [take(PretrainLoader(shard_dir, "train", 4, rank=r, world_size=2, num_workers=0, seed=3), 60)
+             for r in range(2)]
+    stream = [k for j in range(60) for i in range(4) for k in (plain[0][j]["keys"][i], plain[1][j]["keys"][i])]
+    want = stream[:16] + stream[40:]
+    for workers in (0, 2):
+        got = []
+        loaders = [PretrainLoader(shard_dir, "train", 4, rank=r, world_size=2, num_workers=workers, seed=3)
+                   for r in range(2)]
+        for loader in loaders:
+            loader.skip([(16, 40), (30, 32)])  # merged into one range
+            assert loader.skips == [(16, 40)]
+        batches = [take(loader, 54) for loader in loaders]
+        got = [k for j in range(54) for i in range(4) for k in (batches[0][j]["keys"][i], batches[1][j]["keys"][i])]
+        assert got == want[:len(got)], workers
+    ids = loaders[0].ids_at(np.arange(0, 208)).tolist()  # the plan's answer, without reading a shard
+    got_ids = [i for j in range(26) for k in range(4) for i in (batches[0][j]["ids"][k], batches[1][j]["ids"][k])]
+    assert got_ids == ids[:len(got_ids)] and len(set(ids[:176])) == 176  # epoch 0: 200 - 24 skipped
+
+
+def test_skips_travel_in_the_state_and_resume_on_another_world_size(shard_dir):
+    """The state holds the skips and the stream position; a loader of one rank resumes the two-rank one at the
+    same sample, past the skipped range, and a state without skips (an older checkpoint) still loads."""
+    a = PretrainLoader(shard_dir, "train", 4, rank=0, world_size=2, num_workers=0, seed=3)
+    a.skip([(8, 24)])
+    take(a, 2)  # logical 16 -> stream 32
+    sd = a.state_dict()
+    assert sd["skips"] == [[8, 24]] and sd["sample_in_epoch"] == 32 and sd["samples_seen"] == 16
+    one = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3, global_batch=8)
+    one.load_state_dict(sd)
+    ref = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3, global_batch=8)
+    ref.load_state_dict({**sd, "skips": [], "sample_in_epoch": 32})
+    assert_same_batches(take(one, 3), take(ref, 3))
+    old = {k: v for k, v in sd.items() if k != "skips"}
+    fresh = PretrainLoader(shard_dir, "train", 8, num_workers=0, seed=3, global_batch=8)
+    fresh.load_state_dict(old)
+    assert fresh.skips == [] and fresh.position == 32

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from trainer import checkpoint, checkpoint_files, precision, schedule
+from trainer import audit, checkpoint, checkpoint_files, precision, schedule
 from trainer.metrics import read_records
 
 from helpers import CPU_PRECISION, REPO, base_env, train_records, write_ds, write_run
@@ -142,9 +142,14 @@ def test_reference_run_layout_metrics_and_client_state(reference_run, train_shar
     assert checkpoint_files.list_tags(str(out / "checkpoints")) == ["step_0000006", "step_0000009"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000009"
     cs = checkpoint_files.read_client_state(str(out / "checkpoints"), None)
-    assert cs["step"] == 9 and cs["samples_seen"] == 9 * 16 and cs["tokens_seen"] == recs[9]["tokens_seen"]
-    assert len(cs["data_state"]) == 2 and len(cs["rng"]) == 2 and cs["world_size"] == 2
-    assert cs["data_state"][0]["samples_seen"] == 9 * 16
+    st = cs["state"]  # trainer.checkpoint's schema: every registered component's part
+    assert cs["state_version"] == 2 and sorted(cs["per_rank"]) == ["loader", "rng"]
+    assert sorted(st) == ["audit", "data_health", "guard", "loader", "rng", "rollback", "schedule", "spike",
+                          "trainer"]
+    assert cs["step"] == st["trainer"]["step"] == 9 and st["trainer"]["samples_seen"] == 9 * 16
+    assert st["trainer"]["tokens_seen"] == recs[9]["tokens_seen"] and st["guard"] == {"consecutive": 0}
+    assert len(st["loader"]) == 2 and len(st["rng"]) == 2 and cs["world_size"] == 2
+    assert st["loader"][0]["samples_seen"] == 9 * 16 and st["rollback"] == {"history": []}
     manifest = json.loads((Path(train_shards) / "manifest.json").read_text())
     assert cs["tokenizer_fingerprint"] == manifest["tokenizer"]["fingerprint"] and cs["max_seq_len"] == 64
     assert cs["run_config"]["train"]["max_steps"] == T and cs["model_config"]["vocab_size"] == 1000
@@ -195,6 +200,9 @@ def test_resume_after_kill_9_is_exact(reference_run, train_shards, tmp_path, pro
     assert codes == [0, 0], logs[0][-4000:]
     assert "resumed from" in logs[0] and "resumed from" in "".join(logs)
     assert_same_as_reference(out, reference_run["out"])
+    for run in (out, reference_run["out"]):  # every sample of the epoch so far trained once, across the kill
+        ok, line = audit.audit_run(str(run))
+        assert ok and line.startswith("accounted: steps 1-9 trained 144 samples"), line
 
 
 def test_deepspeed_launcher_two_ranks_zero2_bf16(train_shards, tmp_path, procs):

@@ -6,14 +6,22 @@ files; after a barrier rank 0 writes the completion marker, renames the folder t
 replaces ``latest``. A run resumes from the tag checkpoint_files.pick_tag chooses; one written by another
 number of ranks is converted once to DeepSpeed's universal checkpoint beside it.
 
-DeepSpeed writes the client state from rank 0 only, so anything that differs per rank (the loader position,
-the RNG states) is gathered first and stored as a list indexed by rank. Client-state schema::
+State registers itself (torchtitan's shape): each stateful component of a run (the trainer's counters, the
+loader's position, the RNG streams, the data's health, the non-finite guard, the schedule, the rollback
+history, the audit) is handed to ``Checkpointer.register`` under a name, with ``state_dict()`` /
+``load_state_dict()``; a save gathers them, a resume or a rollback hands each its part back. The checkpointer
+also owns the save interval (``due``). DeepSpeed writes the client state from rank 0 only, so a component that
+differs per rank (``per_rank``: the loader position, the RNG states) is gathered first and stored as a list
+indexed by rank. Client-state schema, ``state_version`` 2::
 
-    {"step": int, "samples_seen": int, "tokens_seen": int,
-     "data_state": [loader.state_dict() of rank 0, rank 1, ...],
-     "rng": [trainer.rng.state() of rank 0, rank 1, ...], "data_health": dict,
-     "world_size": int, "run_config": dict, "model_config": dict, "ds_config": dict,
+    {"state_version": 2, "step": int, "world_size": int,
+     "state": {name: state_dict(), or [state_dict() of rank 0, rank 1, ...] for the names in "per_rank"},
+     "per_rank": [name, ...],
+     "run_config": dict, "model_config": dict, "ds_config": dict,
      "tokenizer_fingerprint": str, "max_seq_len": int, "format_version": int}
+
+Version 1 (no ``state_version``) had the parts at the top level (``samples_seen``, ``tokens_seen``,
+``data_state``, ``rng``, ``data_health``); ``migrate`` reads it as version 2, so those checkpoints still resume.
 """
 
 from __future__ import annotations
@@ -54,28 +62,72 @@ class Resume:
         return os.path.join(self.load_dir, self.tag)
 
 
+STATE_VERSION = 2
+_V1_PARTS = ("samples_seen", "tokens_seen", "data_state", "rng", "data_health")
+
+
+def migrate(client: dict) -> dict:
+    """A client state of any version this code knows, as version 2 (the module docstring's schema)."""
+    version = client.get("state_version", 1)
+    if version == STATE_VERSION:
+        return client
+    if version != 1:
+        raise ConfigError(f"checkpoint client state version {version!r}: this code reads versions 1 and "
+                          f"{STATE_VERSION}; resume it with the code that wrote it")
+    for key in ("step", "samples_seen", "tokens_seen", "data_state", "rng"):
+        if key not in client:
+            raise ConfigError(f"checkpoint lacks client state '{key}': not written by this trainer")
+    state = {"trainer": {k: client[k] for k in ("step", "samples_seen", "tokens_seen")},
+             "loader": client["data_state"], "rng": client["rng"]}
+    if client.get("data_health"):  # absent from the oldest ones
+        state["data_health"] = client["data_health"]
+    rest = {k: v for k, v in client.items() if k not in _V1_PARTS}
+    return {**rest, "state_version": STATE_VERSION, "state": state, "per_rank": ["loader", "rng"]}
+
+
 class Checkpointer:
-    """Saves and resumes a training run's checkpoints in ``ckpt_dir``, keeping the newest ``keep``.
+    """Saves and resumes a training run's checkpoints in ``ckpt_dir``, keeping the newest ``keep``, every
+    ``every`` steps (``due``; 0: only when the trainer asks, at a stop or the end).
 
     ``meta`` is the run's fixed description stored with every checkpoint (run/model/ds config, tokenizer
-    fingerprint, max_seq_len, format_version); ``save`` adds the trainer's per-rank state, gathered. A
-    checkpoint of N ranks resumes on M ranks through DeepSpeed's universal checkpoint (``plan``), and the
-    loader continues from the same global sample."""
+    fingerprint, max_seq_len, format_version); ``save`` adds the registered components' states, the per-rank
+    ones gathered. A checkpoint of N ranks resumes on M ranks through DeepSpeed's universal checkpoint
+    (``plan``), and the loader continues from the same global sample."""
 
-    def __init__(self, ckpt_dir: str, keep: int, meta: dict, log=print):
-        self.dir, self.keep, self.meta, self.log = ckpt_dir, keep, meta, log
+    def __init__(self, ckpt_dir: str, keep: int, meta: dict, log=print, every: int = 0):
+        self.dir, self.keep, self.meta, self.log, self.every = ckpt_dir, keep, meta, log, every
         self.last_saved: Optional[str] = None
+        self._loaded: Optional[Resume] = None  # what the last load read (a rollback to it reads it again)
+        self._parts: dict[str, tuple[object, bool]] = {}
 
-    def save(self, engine, state: dict) -> str:
-        """Collective: every rank calls it with its own ``state`` (Trainer.state_dict()). The checkpoint is
-        written into a hidden temporary folder (files.atomic_dir on rank 0, its name shared), each rank fsyncs
-        its own files, and after a barrier rank 0 writes the completion marker, renames the folder to the tag
-        and replaces ``latest``. A rank failing or killed on the way leaves the previous checkpoint and
-        ``latest`` as they were."""
+    def register(self, name: str, component, per_rank: bool = False) -> None:
+        """Save ``component.state_dict()`` under ``name`` with every checkpoint and hand it back to
+        ``component.load_state_dict`` on a restore (``per_rank``: one per rank; a rank the saving run did not
+        have gets None)."""
+        if name in self._parts:
+            raise ValueError(f"a component is already registered as {name!r}")
+        self._parts[name] = (component, per_rank)
+
+    def due(self, step: int) -> bool:
+        """Whether the save interval ends at ``step``."""
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def restore(self, view: dict, keep: tuple[str, ...] = ()) -> None:
+        """Hand each registered component its part of ``view`` (``load``'s answer), but those named in ``keep``
+        (a rollback keeps its own history); a component the checkpoint has no part for stays as it is."""
+        for name, (component, _) in self._parts.items():
+            if name not in keep and name in view["state"]:
+                component.load_state_dict(view["state"][name])
+
+    def save(self, engine, step: int) -> str:
+        """Collective: every rank calls it at the same ``step``, with its own registered components. The
+        checkpoint is written into a hidden temporary folder (files.atomic_dir on rank 0, its name shared), each
+        rank fsyncs its own files, and after a barrier rank 0 writes the completion marker, renames the folder
+        to the tag and replaces ``latest``. A rank failing or killed on the way leaves the previous checkpoint
+        and ``latest`` as they were."""
         rank, world = dist.rank_world()
-        step = state["step"]
         tag = tag_for(step)
-        client = self._client_state(state, world)
+        client = self._client_state(step, world)
         target = os.path.join(self.dir, tag)
         if rank == 0:
             os.makedirs(self.dir, exist_ok=True)
@@ -98,14 +150,15 @@ class Checkpointer:
         self.last_saved = target
         return self.last_saved
 
-    def _client_state(self, state: dict, world: int) -> dict:
+    def _client_state(self, step: int, world: int) -> dict:
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-        return {"step": state["step"], "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
-                "data_state": dist.all_gather_object(state["data_state"]),
-                "rng": dist.all_gather_object(state["rng"]), "world_size": world,
-                "data_health": state.get("data_health"), **self.meta,
+        state = {name: dist.all_gather_object(c.state_dict()) if per_rank else c.state_dict()
+                 for name, (c, per_rank) in self._parts.items()}
+        per_rank = [name for name, (_, p) in self._parts.items() if p]
+        return {"state_version": STATE_VERSION, "step": step, "world_size": world, "state": state,
+                "per_rank": per_rank, **self.meta,
                 # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
@@ -144,11 +197,15 @@ class Checkpointer:
 
     def load(self, engine, resume: Resume) -> dict:
         """Load weights, optimizer and loss-scale state into ``engine`` (collective); returns this rank's view of
-        the client state (the loader position, its own RNG streams or None for a rank the saving run did not
-        have) after checking it fits this run."""
-        path, client = engine.load_checkpoint(resume.load_dir, tag=resume.tag)
+        the client state, {"step", "path", "state": {name: part}} (a per-rank part: this rank's, or None for a
+        rank the saving run did not have; the loader position is global, so any rank's), after checking it fits
+        this run. ``restore`` hands the parts to the registered components."""
+        from trainer.engine import load_checkpoint
+
+        path, client = load_checkpoint(engine, resume.load_dir, resume.tag, resume.universal)
         if path is None:
             raise ConfigError(f"could not load a checkpoint from {resume.path}")
+        client = migrate(client)
         self.check(client, resume.path)
         if engine.device.type == "cpu":
             from trainer import cpu
@@ -157,15 +214,28 @@ class Checkpointer:
             cpu.replay_adam_bias_correction(base_optimizer(engine))  # else the first resumed update differs by ~1 ulp
         rank, _ = dist.rank_world()
         self.last_saved = os.path.join(resume.load_dir, resume.tag.removesuffix(UNIVERSAL))
-        rngs, states = client["rng"], client["data_state"]
-        return {"step": client["step"], "samples_seen": client["samples_seen"], "tokens_seen": client["tokens_seen"],
-                "data_state": states[min(rank, len(states) - 1)],  # the position is global: any rank's
-                "rng": rngs[rank] if rank < len(rngs) else None, "data_health": client.get("data_health"),
-                "path": self.last_saved}
+        self._loaded = resume
+        state = dict(client["state"])
+        for name in client["per_rank"]:
+            parts = state[name]
+            state[name] = parts[min(rank, len(parts) - 1)] if name == "loader" else (
+                parts[rank] if rank < len(parts) else None)
+        return {"step": client["step"], "state": state, "path": self.last_saved}
+
+    def last_good(self) -> Optional[Resume]:
+        """The newest checkpoint of this run to roll back to, as ``load`` reads it (a resumed one as it was
+        resumed: its universal conversion when the rank count changed); None before the first."""
+        if self.last_saved is None:
+            return None
+        if self._loaded is not None and self._loaded.path.removesuffix(UNIVERSAL) == self.last_saved:
+            return self._loaded
+        _, world = dist.rank_world()
+        return Resume(os.path.dirname(self.last_saved), os.path.basename(self.last_saved), world)
 
     def check(self, client: dict, path: str) -> None:
-        """Refuse a checkpoint this run cannot continue, showing both sides."""
-        for key in ("step", "samples_seen", "tokens_seen", "data_state", "rng", "tokenizer_fingerprint"):
+        """Refuse a checkpoint (client state of version 2: ``migrate``) this run cannot continue, showing both
+        sides."""
+        for key in ("step", "state", "tokenizer_fingerprint"):
             if key not in client:
                 raise ConfigError(f"checkpoint {path} lacks client state '{key}': not written by this trainer")
         m = self.meta
@@ -180,7 +250,7 @@ class Checkpointer:
         if client.get("model_config") != m["model_config"]:
             raise ConfigError(f"checkpoint {path}: model config {client.get('model_config')} differs from the "
                               f"run's {m['model_config']}")
-        positions = {(d.get("epoch"), d.get("sample_in_epoch")) for d in client["data_state"]}
+        positions = {(d.get("epoch"), d.get("sample_in_epoch")) for d in client["state"].get("loader") or ()}
         if len(positions) != 1:
             raise ConfigError(f"checkpoint {path}: its ranks' data positions disagree ({sorted(positions)})")
 

@@ -34,8 +34,11 @@ from trainer.errors import CheckpointError, ConfigError
 TAG_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_" + MODEL_STATES  # stage 3 writes one per rank instead
-CLIENT_KEYS = ("step", "samples_seen", "tokens_seen", "data_state", "rng", "world_size", "run_config",
-               "model_config", "ds_config", "tokenizer_fingerprint", "max_seq_len", "format_version")
+# The run's facts of a client state (trainer.checkpoint's schema), beside its components' "state"
+CLIENT_KEYS = ("step", "world_size", "run_config", "model_config", "ds_config", "tokenizer_fingerprint",
+               "max_seq_len", "format_version", "state_version")
+# ... and its components' parts (version 2), or the same at the top level (version 1: trainer.checkpoint.migrate)
+_CLIENT_PARTS = ("state", "per_rank", "samples_seen", "tokens_seen", "data_state", "rng", "data_health")
 
 
 def tag_for(step: int) -> str:
@@ -259,4 +262,4 @@ def read_model_states(ckpt_dir: str) -> dict:
 def read_client_state(load_dir: str, tag: Optional[str] = None) -> dict:
     """Client state of a checkpoint (``tag``, else pick_tag's choice) without building an engine."""
     states = read_model_states(os.path.join(load_dir, tag or pick_tag(load_dir, None)))
-    return {k: states[k] for k in CLIENT_KEYS if k in states}
+    return {k: states[k] for k in CLIENT_KEYS + _CLIENT_PARTS if k in states}

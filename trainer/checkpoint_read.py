@@ -260,7 +260,7 @@ def load_run(run_dir: str, tag: str | None = None):
     meta = RunMeta(path=run_dir, kind="run", tokenizer_dir=tok_dir, tokenizer_fingerprint=recorded,
                    fingerprint_recorded=True, tag=tag, checkpoint_dir=ckpt_dir, step=states.get("step"),
                    max_seq_len=states.get("max_seq_len"), ds_config=ds_config, consolidation=how,
-                   client_state={k: states[k] for k in CLIENT_KEYS if k in states and k not in ("data_state", "rng")})
+                   client_state={k: states[k] for k in CLIENT_KEYS if k in states})
     return model, tokenizer, meta
 
 

@@ -88,12 +88,50 @@ class TrainConfig:
 
 
 @dataclass
+class RollbackConfig:
+    """What a divergence does (trainer.rollback; docs/pretrain.md): every rank restores the last good checkpoint
+    in the same process, passes over the data that led into it, and goes on, at most ``max_rollbacks`` times
+    within ``within_steps`` steps; past that, or with ``enabled: false``, the run stops as it always did."""
+
+    enabled: bool = True
+    max_rollbacks: int = 3
+    """Rollbacks tolerated within ``within_steps`` steps (counted at the step each divergence was found)."""
+    within_steps: int = 1000
+    skip_steps: Optional[int] = None
+    """Steps of data to pass over, the last ones before the divergence; None = all since the checkpoint."""
+    lr_factor: float = 1.0
+    """Learning rate multiplier for ``lr_steps`` steps from the restored step (1.0 = unchanged)."""
+    lr_steps: int = 0
+    spike_window: int = 100
+    """Recent finite step losses (all ranks' mean) the spike rule compares with; it is armed once it has them."""
+    spike_k: float = 6.0
+    """A step's loss is high above median + spike_k x 1.4826 x MAD of the window (6 robust standard deviations)."""
+    spike_steps: int = 3
+    """Consecutive high steps that make a spike; 0 turns spike detection off."""
+
+    def validate(self) -> None:
+        for name in ("max_rollbacks", "within_steps", "spike_window"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"rollback.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr_steps", "spike_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rollback.{name} must be >= 0, got {getattr(self, name)}")
+        if self.skip_steps is not None and self.skip_steps <= 0:
+            raise ConfigError(f"rollback.skip_steps must be > 0 or null, got {self.skip_steps}")
+        if not 0 < self.lr_factor <= 1:
+            raise ConfigError(f"rollback.lr_factor must be in (0, 1], got {self.lr_factor}")
+        if self.spike_k <= 0:
+            raise ConfigError(f"rollback.spike_k must be > 0, got {self.spike_k}")
+
+
+@dataclass
 class RunConfig:
     model: dict = field(default_factory=lambda: {"preset": "base"})
     """``preset`` (tiny/mini/small/medium/base/large) plus any BertConfig field as an override.
     ``vocab_size`` defaults to the shards' tokenizer vocabulary size."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,6 +182,7 @@ class RunConfig:
             raise ConfigError("data.num_workers, data.max_bad_samples and data.max_bad_shards must be >= 0")
         if not 0 <= d.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+        self.rollback.validate()
 
 
 _MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(BertConfig)}

@@ -201,3 +201,20 @@ def loss_scale(engine) -> Optional[float]:
         if isinstance(v, (int, float, torch.Tensor)):
             return float(v)
     return None
+
+
+def set_loss_scale(engine, scale: float) -> None:
+    """Set fp16's dynamic loss scale (a rollback starts it afresh); nothing for bf16/fp32."""
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        if isinstance(getattr(opt, attr, None), (int, float, torch.Tensor)):
+            setattr(opt, attr, scale)
+            return
+
+
+def load_checkpoint(engine, load_dir: str, tag: str, universal: bool):
+    """``engine.load_checkpoint`` of ``tag``; DeepSpeed reads the universal layout when its config says so, and
+    one process may load both kinds (a resume on another rank count, then a rollback to a checkpoint of its
+    own), so the flag is set for each load. Returns DeepSpeed's (path, client state)."""
+    engine._config.load_universal_checkpoint = universal
+    return engine.load_checkpoint(load_dir, tag=tag)

@@ -133,6 +133,13 @@ class NonFiniteGuard:
             return f"non-finite loss in {self.precision} (no loss scaling can skip it)"
         return None
 
+    def state_dict(self) -> dict:
+        """The count of consecutive overflow steps at the floor: a resume goes on counting from it."""
+        return {"consecutive": self.consecutive}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.consecutive = int(sd["consecutive"])
+
 
 @dataclass
 class Verdict:

@@ -142,6 +142,23 @@ class MetricsWriter:
 
         self._tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._rewinds = 0
+
+    def rewind(self, step: int) -> None:
+        """A rollback to ``step`` (trainer.rollback) redoes the steps after it: their lines are set aside as a
+        resume's are (to a folder of earlier/ of their own) and TensorBoard hides their events from here on."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        from trainer.run_folder import earlier_dir
+
+        self._rewinds += 1
+        self._file.close()
+        self._tb.close()
+        self._set_aside_after(step, f"{earlier_dir(os.path.dirname(self.path))}-rollback{self._rewinds}")
+        self._tb = SummaryWriter(self.tb_dir, purge_step=step + 1)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def _set_aside_after(self, step: int, aside: str) -> None:
         with open(self.path, encoding="utf-8", errors="replace") as f:

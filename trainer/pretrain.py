@@ -203,7 +203,7 @@ def _peak_tflops(t, engine, resolved, rank: int) -> float:
 
 def _resume(trainer, state: dict, resume, world: int, rank: int) -> None:
     try:
-        note = trainer.load_state_dict(state)
+        note = trainer.restore(state)
     except ValueError as e:
         raise ConfigError(f"resume from {state['path']}: {e}") from None
     log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
@@ -284,6 +284,7 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     from data.health import DataHealth, shard_budget
     from trainer.metrics import MetricsWriter, flop_counts
     from trainer import callbacks
+    from trainer.rollback import Rollback
     from trainer.trainer import RunInfo, Trainer
 
     t, d = cfg.train, cfg.data
@@ -298,7 +299,8 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     model = _build_model(cfg, data, resume_from is not None, rank)
     flops = flop_counts(model)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
-    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m))
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m),
+                                           every=t.save_every)
     resume = checkpointer.plan(resume_from) if resume_from is not None else None
     ds_engine = resolved.ds
     if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
@@ -320,14 +322,17 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     metrics = MetricsWriter(t.output_dir, enabled=rank == 0, resume_step=state["step"] if state else None,
                             aside=aside)
     validate, panel = _build_validator(cfg, data, engine, metrics, resolved.batch.micro, rank, world)
+    fp16 = resolved.ds.get("fp16") or {}
     info = RunInfo(rank=rank, world=world, precision=resolved.precision, global_batch=resolved.batch.global_batch,
                    peak_lr=peak_lr, warmup=warmup, peak_tflops=_peak_tflops(t, engine, resolved, rank), flops=flops,
-                   ds_path=ds_path, min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)))
+                   ds_path=ds_path, min_loss_scale=float(fp16.get("min_loss_scale", 1)),
+                   initial_loss_scale=2.0 ** fp16.get("initial_scale_power", 16))
     health = DataHealth(d.max_bad_samples, d.max_bad_fraction,
                         shard_budget(len(data.train["splits"]["train"]["shards"]), d.max_bad_shards))
     trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, health=health,
                       validate=validate, stop=stop, log=lambda m: log(rank, m),
-                      callbacks=callbacks.standard() + ([panel] if panel is not None else []))
+                      callbacks=callbacks.standard() + ([panel] if panel is not None else []),
+                      rollback=Rollback(cfg.rollback, initial_loss_scale=info.initial_loss_scale))
     if state is not None:
         _resume(trainer, state, resume, world, rank)
     elif t.resume == "auto":

@@ -9,6 +9,7 @@ NumPy object to be read back.
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,3 +44,15 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+class Streams:
+    """This process's streams as a checkpointed component (trainer.checkpoint, per rank). A rank the saving run
+    did not have (a run resumed on more ranks) gets None: its streams stay as seeded."""
+
+    def state_dict(self) -> dict:
+        return state()
+
+    def load_state_dict(self, saved: Optional[dict]) -> None:
+        if saved is not None:
+            set_state(saved)

@@ -31,3 +31,31 @@ def set_lr(optimizer, lr: float) -> None:
     """Write ``lr`` into every param group (DeepSpeed's ZeRO optimizers expose the wrapped groups)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class Schedule:
+    """``lr_at`` of a run, times the scalings a rollback asked for (trainer.rollback: ``factor`` for the steps
+    ``[start, start + steps)``; overlapping ones multiply). The scalings are its checkpointed state; the peak,
+    warmup and length come from the run's settings, which a resume may change."""
+
+    def __init__(self, peak: float, warmup: int, total: int):
+        self.peak, self.warmup, self.total = peak, warmup, total
+        self.scalings: list[tuple[int, int, float]] = []
+
+    def lr(self, step: int) -> float:
+        lr = lr_at(step, self.peak, self.warmup, self.total)
+        for start, steps, factor in self.scalings:
+            if start <= step < start + steps:
+                lr *= factor
+        return lr
+
+    def scale(self, start: int, steps: int, factor: float) -> None:
+        """Add a scaling (once: adding the same one again changes nothing)."""
+        if steps > 0 and factor != 1.0 and (start, steps, factor) not in self.scalings:
+            self.scalings.append((start, steps, factor))
+
+    def state_dict(self) -> dict:
+        return {"scalings": [list(s) for s in self.scalings]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scalings = [(int(a), int(n), float(f)) for a, n, f in sd["scalings"]]

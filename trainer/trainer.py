@@ -1,15 +1,20 @@
 """The one pretraining loop, over components built elsewhere (trainer.pretrain builds them).
 
-``Trainer.state_dict()`` / ``load_state_dict()`` hold everything a resume needs besides the engine's own
-state: the step and sample/token counters, this rank's loader position and its RNG streams. Nothing in the
-order of construction matters: the loader's workers draw no seed from the global RNG, so the state can be
-restored before or after anything else.
+State registers itself with the checkpointer (trainer.checkpoint): the Trainer's counters ("trainer"), the
+loader's position at the last step boundary ("loader", per rank), the RNG streams ("rng", per rank), the data's
+health, the non-finite guard, the schedule, the audit's unlogged step digests and the rollback history with its
+spike window. ``restore`` hands a loaded checkpoint's parts back. Nothing in the order of construction matters:
+the loader's workers draw no seed from the global RNG, so the state can be restored before or after anything
+else.
 
 A step: the batches of step N are fetched first; then every rank agrees (``guards.agree``: one tiny
 all_reduce) on whether some rank's data failed, a stop was requested or the last loss was not finite; only
 then does any rank enter the step's collectives. So a rank whose data broke never leaves the others waiting:
 all of them stop at the same step, save the last good state and say why. Every collective is bounded
-(trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase.
+(trainer.dist); when one fails or times out, each rank exits naming its rank, step and phase. The same
+agreement carries the step's loss (sum and count over every rank) and its samples' digest (trainer.audit), so a
+divergence — a non-finite loss, the fp16 scale at its floor, a loss spike — is judged alike on every rank, and
+trainer.rollback rolls all of them back past it together, in this process.
 
 Host syncs (each a pipeline drain on a GPU): a step that does not log reads the device once, the agreement
 (which carries the step's non-finite loss count); the loss and metric sums stay on the device, as named sums of a
@@ -37,12 +42,14 @@ import torch
 
 from data.health import DataHealth
 from trainer import callbacks as cbs, checkpoint, checkpoint_files, dist, rng
+from trainer.audit import StepDigests
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
 from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
 from trainer.evaluation import to_device
 from trainer.metrics import SUM_KEYS, MetricsWriter, summarize
-from trainer.schedule import lr_at, set_lr
+from trainer.rollback import Rollback
+from trainer.schedule import Schedule, set_lr
 
 EXIT_OK, EXIT_DATA, EXIT_NONFINITE, EXIT_COLLECTIVE = 0, 2, 3, 4
 
@@ -61,6 +68,7 @@ class RunInfo:
     flops: dict  # trainer.metrics.flop_counts of the model
     ds_path: str  # where the peak lr comes from (named in the non-finite message)
     min_loss_scale: float = 1.0  # fp16's floor (the JSON's fp16.min_loss_scale)
+    initial_loss_scale: float = 2.0 ** 16  # fp16's start (2^fp16.initial_scale_power), where a rollback resets it
 
 
 # The loop's own sums (callbacks add theirs): every rank holds these names from the start, so the one reduction
@@ -86,12 +94,34 @@ class Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
 
 
+class LoaderAtBoundary:
+    """The loader's position at the last step boundary: what a checkpoint holds, since the loader itself has
+    already fetched the next step's batches by the time a step is saved. ``note``: what the last restore said
+    ("" unless the global batch changed)."""
+
+    def __init__(self, loader):
+        self.loader, self.note = loader, ""
+        self.mark()
+
+    def mark(self) -> None:
+        self._state = self.loader.state_dict()
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.note = self.loader.load_state_dict(sd)
+        self.mark()
+
+
 class Trainer:
     def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
                  checkpointer: checkpoint.Checkpointer, health: DataHealth,
                  validate: Optional[Callable[..., bool]] = None, stop: Optional[StopFlag] = None,
-                 log: Callable[[str], None] = print, callbacks: Optional[list] = None):
-        """callbacks: what the log lines report beyond the loss (trainer.callbacks; default: ``standard()``)."""
+                 log: Callable[[str], None] = print, callbacks: Optional[list] = None,
+                 rollback: Optional[Rollback] = None):
+        """callbacks: what the log lines report beyond the loss (trainer.callbacks; default: ``standard()``);
+        rollback: what a divergence does (default: trainer.config.RollbackConfig's defaults)."""
         self.engine, self.loader, self.cfg, self.info, self.health = engine, loader, cfg, info, health
         self.callbacks = cbs.standard() if callbacks is None else list(callbacks)
         self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
@@ -100,28 +130,35 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.stop.where = lambda: f"{self.phase} at step {self.step}"  # read by the signal reader thread
         self.guard = NonFiniteGuard(info.precision, cfg.max_nonfinite, info.min_loss_scale)
-        self._data_state = loader.state_dict()  # position at the last step boundary (what a checkpoint holds)
+        self.schedule = Schedule(info.peak_lr, info.warmup, cfg.max_steps)
+        self.boundary = LoaderAtBoundary(loader)
+        self.audit = StepDigests()
+        self.callbacks.append(self.audit)
+        self.rollback = rollback or Rollback(initial_loss_scale=info.initial_loss_scale)
+        for name, part, per_rank in (("trainer", self, False), ("loader", self.boundary, True),
+                                     ("rng", rng.Streams(), True), ("data_health", health, False),
+                                     ("guard", self.guard, False), ("schedule", self.schedule, False),
+                                     ("audit", self.audit, False)):
+            checkpointer.register(name, part, per_rank=per_rank)
+        self.rollback.register(checkpointer)
         self._stream = None
         self._last_eval = -1
         self._reported = (0, 0, 0)  # (shards opened, damaged, corrupt samples) this rank told the others of
 
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "data_state": self._data_state, "rng": rng.state(), "data_health": self.health.state_dict()}
+        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
 
-    def load_state_dict(self, sd: dict) -> str:
-        """Restore a state (returns the loader's note, "" unless the global batch changed). ``rng`` is None for a
-        rank the saving run did not have (a run resumed on more ranks): its streams stay as seeded."""
+    def load_state_dict(self, sd: dict) -> None:
         self.step, self.samples_seen, self.tokens_seen = sd["step"], sd["samples_seen"], sd["tokens_seen"]
-        note = self.loader.load_state_dict(sd["data_state"])
-        self._data_state = self.loader.state_dict()
-        if sd["rng"] is not None:
-            rng.set_state(sd["rng"])
-        if sd.get("data_health"):  # checkpoints from before data.health have none
-            self.health.load_state_dict(sd["data_health"])
-            self._recheck_suspects()
-        return note
+
+    def restore(self, view: dict) -> str:
+        """Continue from a checkpoint the checkpointer loaded (``Checkpointer.load``'s view): every registered
+        component takes its part; returns the loader's note ("" unless the global batch changed)."""
+        self.checkpointer.restore(view)
+        self.rollback.apply(self)
+        self._recheck_suspects()
+        return self.boundary.note
 
     def _recheck_suspects(self) -> None:
         """The shards the checkpoint's run lost samples of are read again: a replaced one is sound, and its
@@ -169,18 +206,25 @@ class Trainer:
                   dynamic_ncols=True, mininterval=1.0, file=sys.stdout) as bar:
             while self.step < t.max_steps and not verdict.halt:
                 self.phase = "training step"
-                lr = lr_at(self.step, self.info.peak_lr, self.info.warmup, t.max_steps)
+                lr = self.schedule.lr(self.step)
                 set_lr(self.engine.optimizer, lr)
+                mark = (win.sums["loss_sum"], win.sums["micro_batches"])
                 nonfinite = self._train_step(batches, win)
                 self.step += 1
                 bar.update(1)
                 for cb in self.callbacks:
                     cb.on_step_end(self, batches, win)
-                self._data_state = self.loader.state_dict()  # before the next step's batches are fetched
+                self.boundary.mark()  # before the next step's batches are fetched
                 batches, error = self._fetch()
-                verdict = self._agree(error, nonfinite)
+                verdict = self._agree(error, nonfinite, (win.sums["loss_sum"] - mark[0],
+                                                         win.sums["micro_batches"] - mark[1]))
                 if verdict.fatal:
-                    break
+                    verdict.fatal = self.rollback.heal(self, verdict.fatal)  # None: rolled back, go on
+                    if verdict.fatal:
+                        break
+                    win, bar.n = Window(), self.step
+                    batches, verdict = self._restart()
+                    continue
                 if self.logs_at(self.step):
                     train_time += self._log(win, lr, bar)
                     win = Window()
@@ -190,7 +234,7 @@ class Trainer:
                     # a stop arriving during it cuts it short
                     verdict.stop = not self._validate(stoppable=not verdict.halt) or verdict.stop
                     win.t0 = time.perf_counter()  # throughput excludes validation and checkpoint time
-                if self.step % t.save_every == 0 or verdict.halt:
+                if self.checkpointer.due(self.step) or verdict.halt:
                     train_time += self._fold(win)
                     self._save()
                     if not verdict.halt:  # a stop during the save: this checkpoint is the one, no further step
@@ -205,6 +249,13 @@ class Trainer:
                 self._save()
         return self._finish(verdict, self.step - start, time.perf_counter() - t_start, train_time)
 
+    def _restart(self) -> tuple[list[dict], Verdict]:
+        """After a rollback: the loader's stream from its restored position, the first step's batches and the
+        ranks' agreement on them (as at the start of the loop)."""
+        self._stream = iter(self.loader)
+        batches, error = self._fetch()
+        return batches, self._agree(error)
+
     def _fetch(self) -> tuple[list[dict], Optional[str]]:
         """The next step's micro-batches (accumulation of them), or the error that prevented it."""
         self.phase = "data loading"
@@ -217,22 +268,26 @@ class Trainer:
                 traceback.print_exc()
             return [], f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
 
-    def _agree(self, data_error: Optional[str], nonfinite: Optional[torch.Tensor] = None) -> Verdict:
+    def _agree(self, data_error: Optional[str], nonfinite: Optional[torch.Tensor] = None, loss=(0.0, 0.0)) -> Verdict:
         """guards.agree, with the data's health and the step's losses. When any rank's loader found something it
         had not reported (a shard opened, a damaged shard, a corrupt sample), every rank's report is merged, so
         that all of them judge the same totals against data.max_bad_* at the same step. ``nonfinite``: this
-        rank's count of non-finite losses in the step just taken (on the device: the agreement's one read brings
-        it to the host), None before the first step."""
+        rank's count of non-finite losses in the step just taken, ``loss`` its (loss sum, micro-batches) — on the
+        device: the agreement's one read brings them to the host, with the halves of the step's sample digest;
+        None before the first step. ``fatal`` is a divergence (the guard's or the spike rule's)."""
         report = self.loader.health_report()
         known = (len(report["opened"]), len(report["damaged"]), sum(report["corrupt"].values()))
         verdict = agree(self.stop.requested, data_error, self.engine.device,
-                        extra=(float(known != self._reported), 0.0 if nonfinite is None else nonfinite))
+                        extra=(float(known != self._reported), 0.0 if nonfinite is None else nonfinite, *loss,
+                               *self.audit.local))
         if verdict.sums[0] > 0:
             self.health.add_reports(dist.all_gather_object(report))
             self._reported = known
         verdict.damaged = self.health.verdict()
         if nonfinite is not None:
-            verdict.fatal = self._guard(losses_finite=verdict.sums[1] == 0)
+            s = verdict.sums
+            self.audit.add(self.step, s[4], s[5])
+            verdict.fatal = self._guard(losses_finite=s[1] == 0) or self.rollback.spikes.update(s[2], s[3])
         return verdict
 
     def _guard(self, losses_finite: bool) -> Optional[str]:
@@ -321,7 +376,7 @@ class Trainer:
 
     def _save(self) -> None:
         self.phase = "checkpoint save"
-        self.checkpointer.save(self.engine, self.state_dict())
+        self.checkpointer.save(self.engine, self.step)
 
     def _finish(self, verdict: Verdict, steps: int, wall: float, train_time: float) -> int:
         self.phase = "shutdown"
