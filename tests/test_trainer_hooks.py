@@ -115,7 +115,7 @@ class SyncCounter:
         self.calls, self.where = [], []
         for name in SYNC_POINTS:
             monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), name))
-        for name in ("_train_step", "_agree", "_log"):
+        for name in ("train_step", "_agree", "_log"):
             monkeypatch.setattr(trainer, name, self._inside(getattr(trainer, name), name, trainer))
 
     def _counting(self, real, name):
@@ -147,9 +147,9 @@ def test_a_non_logging_step_reads_the_device_once(tmp_path, monkeypatch):
     count = SyncCounter(monkeypatch, trainer)
     assert trainer.train() == 0
     for step in (0, 1, 2):  # steps 1-3 (``trainer.step`` counts steps done): no log line
-        assert count.during("_train_step", step) == [], count.during("_train_step", step)
+        assert count.during("train_step", step) == [], count.during("train_step", step)
         assert [c[1] for c in count.during("_agree", step + 1)] == ["tolist"]
-    assert count.during("_train_step", 3) == []
+    assert count.during("train_step", 3) == []
     assert len(count.during("_log", 4)) >= 1  # the log step reads its sums, once per reduction
     log = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in log] == [4] and math.isfinite(log[0]["loss"])
@@ -158,19 +158,19 @@ def test_a_non_logging_step_reads_the_device_once(tmp_path, monkeypatch):
 def test_the_budget_test_sees_a_sync_put_back(tmp_path, monkeypatch):
     """The counter is not blind: a `.item()` in the step (the per-micro-batch read the loop used to do) shows."""
     trainer, _ = make_trainer(tmp_path, steps=2, log_every=2)
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
-    def step_with_a_read(batches, win):
-        nonfinite = real_step(batches, win)
-        torch.isfinite(win.sums["loss_sum"]).item()  # the read under test
-        return nonfinite
+    def step_with_a_read(batches):
+        stats = real_step(batches)
+        torch.isfinite(stats.sums["loss_sum"]).item()  # the read under test
+        return stats
 
-    monkeypatch.setattr(trainer, "_train_step", step_with_a_read)
+    monkeypatch.setattr(trainer, "train_step", step_with_a_read)
     # the read sits in this file: count it as the project's
     monkeypatch.setattr(sys.modules[__name__], "PROJECT_DIRS", PROJECT_DIRS + (os.path.abspath(__file__),))
     count = SyncCounter(monkeypatch, trainer)
     trainer.train()
-    assert [c[1] for c in count.during("_train_step", 0)] == ["item"]
+    assert [c[1] for c in count.during("train_step", 0)] == ["item"]
 
 
 def test_the_model_reads_nothing_back(monkeypatch):
@@ -252,14 +252,14 @@ def test_gradient_noise_scale_matches_the_estimator(tmp_path):
     trainer, batches = make_trainer(tmp_path, steps=3, log_every=3, gas=4, callbacks=[gns], batch_seeds=(0, 0, 0, 1))
     model = trainer.engine.module
     snapshot = {}
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
-    def keep_weights(b, win):  # the weights the log step starts from
+    def keep_weights(b):  # the weights the log step starts from
         if trainer.step == 2:
             snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
-        return real_step(b, win)
+        return real_step(b)
 
-    trainer._train_step = keep_weights
+    trainer.train_step = keep_weights
     assert trainer.train() == 0
     assert armed == [3]
     rec = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")][-1]

@@ -12,6 +12,7 @@ the RNG states) is gathered first and stored as a list indexed by rank. Client-s
     {"step": int, "samples_seen": int, "tokens_seen": int,
      "data_state": [loader.state_dict() of rank 0, rank 1, ...],
      "rng": [trainer.rng.state() of rank 0, rank 1, ...], "data_health": dict,
+     "components": {name: state} (Trainer components whose state is the same on every rank: rank 0's),
      "world_size": int, "run_config": dict, "model_config": dict, "ds_config": dict,
      "tokenizer_fingerprint": str, "max_seq_len": int, "format_version": int}
 """
@@ -105,7 +106,7 @@ class Checkpointer:
         return {"step": state["step"], "samples_seen": state["samples_seen"], "tokens_seen": state["tokens_seen"],
                 "data_state": dist.all_gather_object(state["data_state"]),
                 "rng": dist.all_gather_object(state["rng"]), "world_size": world,
-                "data_health": state.get("data_health"), **self.meta,
+                "data_health": state.get("data_health"), "components": state.get("components") or {}, **self.meta,
                 # what ds_to_universal needs to convert it for another rank count (ZeRO <= 2)
                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
@@ -161,7 +162,7 @@ class Checkpointer:
         return {"step": client["step"], "samples_seen": client["samples_seen"], "tokens_seen": client["tokens_seen"],
                 "data_state": states[min(rank, len(states) - 1)],  # the position is global: any rank's
                 "rng": rngs[rank] if rank < len(rngs) else None, "data_health": client.get("data_health"),
-                "path": self.last_saved}
+                "components": client.get("components") or {}, "path": self.last_saved}
 
     def check(self, client: dict, path: str) -> None:
         """Refuse a checkpoint this run cannot continue, showing both sides."""
