@@ -41,12 +41,12 @@ from typing import Callable, Optional
 import torch
 
 from data.health import DataHealth
+from data.loader import model_inputs
 from trainer import callbacks as cbs, checkpoint, checkpoint_files, dist, rng
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
 from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
 from trainer.metrics import SUM_KEYS, MetricsWriter, summarize
-from data.loader import model_inputs
 from trainer.schedule import lr_at, set_lr
 
 EXIT_OK, EXIT_DATA, EXIT_NONFINITE, EXIT_COLLECTIVE = 0, 2, 3, 4
