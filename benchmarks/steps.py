@@ -1,9 +1,10 @@
 """The `train` benchmark's contestants, each a zero-argument "one full training step" closure, their batches,
 and the interleaved timing of them.
 
-(a) our model through the DeepSpeed engine exactly as pretraining builds it, (b) our model in a plain torch
-loop, (c) transformers' BertForPreTraining (SDPA, autocast, torch's AdamW, fused on CUDA). They are timed in
-ONE process, step by step in turn (a b c a b c ...), so a noisy machine slows them alike and the ratios hold.
+(a) our model through the DeepSpeed engine exactly as pretraining builds it, stepped by the Trainer's own
+``train_step`` (the step pretraining and fine-tuning run), (b) our model in a plain torch loop, (c)
+transformers' BertForPreTraining (SDPA, autocast, torch's AdamW, fused on CUDA). They are timed in ONE
+process, step by step in turn (a b c a b c ...), so a noisy machine slows them alike and the ratios hold.
 """
 
 from __future__ import annotations
@@ -137,11 +138,33 @@ def hf_step(cfg: BertConfig, batch: dict, dtype: str, device: torch.device) -> O
                                            next_sentence_label=batch["next_sentence_label"]).loss, dtype, device)
 
 
+def trainer_batch(batch: dict) -> dict:
+    """``batch`` as data.loader yields it to the Trainer: its tensors on the host and the host facts its step
+    reads (a batch without padding goes without its attention mask, as in training)."""
+    mask = batch["attention_mask"]
+    return {**batch, "is_padding": False, "keys": [], "tokens": int(mask.sum()), "no_padding": bool(mask.all())}
+
+
+class _NoLoader:
+    """What the Trainer reads of a loader when it is built; (a) hands its step the batches itself."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, dtype: str, unpad: bool,
             device: torch.device) -> Callable[[], float]:
-    """(a) our model through the DeepSpeed engine, built exactly as pretraining builds it (trainer.engine),
-    with the JSON's optimizer, one rank and one micro batch per step."""
+    """(a) our model through the DeepSpeed engine, built exactly as pretraining builds it (trainer.engine), with
+    the JSON's optimizer, one rank and one micro batch per step, stepped by ``Trainer.train_step``: the step
+    pretraining and fine-tuning run (lr, the host batch moved to the device, forward, backward, step, the
+    named sums). It ends with the one read of the device the loop makes per step (the agreement reads the
+    step's count of non-finite losses)."""
+    from data.health import DataHealth
     from trainer import dist
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import TrainConfig
+    from trainer.metrics import MetricsWriter
+    from trainer.trainer import RunInfo, Trainer
 
     ds = eng.load_ds_config(ds_config_path)
     ds.update(train_micro_batch_size_per_gpu=int(batch["input_ids"].shape[0]), gradient_accumulation_steps=1)
@@ -154,13 +177,16 @@ def ds_step(cfg: BertConfig, batch: dict, ds_config_path: str, dtype: str, unpad
         model = BertForPreTraining(cfg)
     model.unpad = unpad
     engine = eng.build_engine(model, resolved.ds)
-    b = {k: v.to(engine.device) for k, v in batch.items()}
+    info = RunInfo(rank=0, world=1, precision=resolved.precision, global_batch=resolved.batch.global_batch,
+                   peak_lr=float(resolved.ds["optimizer"]["params"]["lr"]), warmup=0, peak_tflops=1.0, flops={},
+                   ds_path=ds_config_path)
+    trainer = Trainer(engine, _NoLoader(), TrainConfig(max_steps=10 ** 9, warmup_steps=0), info,
+                      metrics=MetricsWriter("", enabled=False), checkpointer=Checkpointer("", 1, {}),
+                      health=DataHealth(0, 0.0, 0), callbacks=[])
+    batches = [trainer_batch(batch)]
 
     def step() -> float:
-        out = engine(**b)
-        engine.backward(out.loss)
-        engine.step()
-        return out.loss.detach().item()
+        return float(trainer.train_step(batches).nonfinite)
     return step
 
 

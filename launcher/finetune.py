@@ -10,6 +10,9 @@ of those keys. Batch size, optimizer, lr and precision live in the DeepSpeed JSO
 `ds.optimizer.params.lr=X`, and `--sweep` runs the paper's grid (5e-5, 3e-5, 2e-5), each lr as such an
 override in OUT/lr_<lr>/. The tokenizer must be the one the model was pretrained with (fingerprint) unless
 --allow-tokenizer-mismatch.
+
+A stop signal (SIGTERM, SIGUSR1, Ctrl-C) saves the run in progress and exits 0; the same command resumes the
+sweep where it stopped (finished runs are not run again).
 """
 
 from __future__ import annotations
@@ -68,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch.main(main))
+    sys.exit(launch.main(main, stop_signals=True))

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import report, steps
+from benchmarks.report import ZERO2
 from bert import BertConfig
 from trainer import cpu_start, metrics
 
@@ -53,6 +55,22 @@ def test_table_and_json_of_a_result(tmp_path, capsys):
     assert report.write_result(res, str(tmp_path / "d" / "r.json")) == str(tmp_path / "d" / "r.json")
     assert json.loads((tmp_path / "d" / "r.json").read_text()) == res
     assert report.write_result(res, "-") == "-" and json.loads(capsys.readouterr().out) == res
+
+
+def test_a_times_the_trainers_own_step(monkeypatch):
+    """(a) is ``Trainer.train_step``, the step pretraining and fine-tuning run, not a copy of it (the engine is
+    the hooks test's stand-in here: what is checked is who steps it)."""
+    from test_trainer_hooks import Engine
+    from trainer import dist, engine as eng, trainer as tr
+
+    monkeypatch.setattr(dist, "init", lambda *a, **k: (0, 0, 1))
+    monkeypatch.setattr(eng, "build_engine", lambda model, ds: Engine(model, gas=1))
+    calls, real = [], tr.Trainer.train_step
+    monkeypatch.setattr(tr.Trainer, "train_step", lambda self, b: (calls.append(len(b)), real(self, b))[1])
+    cfg = BertConfig.preset("tiny")
+    step = steps.ds_step(cfg, steps.synthetic_batch(cfg, 2, 32, 5), ZERO2, "fp32", True, torch.device("cpu"))
+    assert step() == 0.0 and step() == 0.0  # no non-finite loss: the read the loop makes per step
+    assert calls == [1, 1]
 
 
 @pytest.mark.integration  # runs launcher/bench.py

@@ -19,7 +19,8 @@ import torch
 from helpers import CPU_PRECISION, base_env
 from trainer.dist import free_port
 from trainer.errors import FinetuneError
-from trainer.finetune import Columns, collate, dev_batches, encode_split, load_classifier, load_local_task, train_batches
+from trainer.finetune_task import (Columns, collate, dev_batches, encode_split, load_classifier, load_local_task,
+                                   train_batches)
 from trainer.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,35 @@ def test_batches_cover_every_example(n, world, micro):
     assert sorted(real) == list(range(n))  # every dev example counted exactly once
 
 
+def test_epoch_loader_pads_epochs_to_whole_steps_and_resumes_at_any_batch():
+    """Each epoch is padded to whole optimizer steps (26 examples, micro 4, accumulation 3: 7 micro-batches + 2
+    padding = 3 steps); a loader restored from the position after any micro-batch yields exactly the rest of
+    the stream (the next epochs reshuffled as in the uninterrupted one); another rank count is refused."""
+    from trainer.finetune import EpochLoader
+    from trainer.finetune_task import Encoded
+
+    enc = Encoded([[2, 5 + i % 50, 3] for i in range(26)], [[0, 0, 0]] * 26, [i % 2 for i in range(26)])
+
+    def take(loader, n):
+        it = iter(loader)
+        return [(b["keys"], b["is_padding"], b["input_ids"].tolist()) for b in (next(it) for _ in range(n))]
+
+    ref = EpochLoader(enc, 4, 3, rank=0, world=1, seed=5, pad_id=0)
+    stream = take(ref, 22)
+    assert ref.steps_per_epoch == 3
+    assert [pad for _, pad, _ in stream[:9]] == [False] * 7 + [True] * 2
+    assert sorted(k for keys, _, _ in stream[:9] for k in keys) == list(range(26))
+    assert [k for k, _, _ in stream[:9]] != [k for k, _, _ in stream[9:18]]  # epoch 2 is another permutation
+    for cut in (0, 4, 8, 9, 13):
+        first = EpochLoader(enc, 4, 3, 0, 1, 5, 0)
+        take(first, cut)
+        again = EpochLoader(enc, 4, 3, 0, 1, 5, 0)
+        again.load_state_dict(first.state_dict())
+        assert take(again, 22 - cut) == stream[cut:], cut
+    with pytest.raises(ValueError, match=r"resume fine-tuning on 1 rank\(s\)"):
+        EpochLoader(enc, 4, 3, 0, 2, 5, 0).load_state_dict(ref.state_dict())
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end
 
@@ -239,22 +269,98 @@ def test_two_ranks_count_every_dev_example_once(eval_run, task_files, tmp_path, 
     assert accuracy(model, tok, task.dev) == pytest.approx(summary["best_dev_accuracy"], abs=0.02)
 
 
+SWEEP_ARGS = ("--sweep", "--epochs", "2", "--max-len", "32", "train.log_every=1")  # 10 steps per epoch
+FT_STOP_PROBE = '''"""launcher/finetune.py sending itself a SIGTERM as step FT_STOP_STEP of run FT_STOP_RUN starts."""
+import os, runpy, signal, sys
+from trainer import trainer
+
+real = trainer.Trainer.train_step
+
+
+def train_step(self, batches):
+    here = os.path.basename(self.cfg.output_dir), self.step
+    if here == (os.environ["FT_STOP_RUN"], int(os.environ["FT_STOP_STEP"])):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, batches)
+
+
+trainer.Trainer.train_step = train_step
+sys.argv[0] = os.environ["FT_SCRIPT"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def sweep_args(tmp, task_files, eval_run, out):
+    return ["--deepspeed", ds_config(tmp, micro=32), "--model", eval_run, "--train", task_files["train"], "--dev",
+            task_files["dev"], *SWEEP_ARGS, "--out", out]
+
+
+@pytest.fixture(scope="module")
+def sweep(eval_run, task_files, tmp_path_factory):
+    """An uninterrupted sweep (3 learning rates, 2 epochs of 10 steps each, a log line per step)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    p = run_finetune(*sweep_args(tmp, task_files, eval_run, tmp / "sweep"))
+    return p, tmp / "sweep"
+
+
+def sweep_steps(out):
+    """lr folder -> step -> (loss, lr, accuracy, keys) of the loop's log lines."""
+    return {run.name: {r["step"]: (r["loss"], r["lr"], r["accuracy"], r["keys"])
+                       for r in read_records(run / "metrics.jsonl") if "loss" in r} for run in sorted(out.glob("lr_*"))}
+
+
 @pytest.mark.integration
-def test_sweep_runs_three_learning_rates_and_picks_the_best(eval_run, task_files, tmp_path):
-    out = tmp_path / "sweep"
-    p = run_finetune("--deepspeed", ds_config(tmp_path, micro=32), "--model", eval_run, "--train",
-                     task_files["train"], "--dev", task_files["dev"], "--sweep", "--epochs", "1", "--max-len", "32",
-                     "--out", out)
+def test_sweep_runs_three_learning_rates_and_picks_the_best(sweep):
+    p, out = sweep
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert [r["lr"] for r in summary["runs"]] == [5e-5, 3e-5, 2e-5]
     best = max(summary["runs"], key=lambda r: r["best"])
     assert summary["best_lr"] == best["lr"] and summary["best_dev_accuracy"] == best["best"]
     for r in summary["runs"]:
-        assert Path(r["out"]).name == f"lr_{r['lr']:g}"
+        assert Path(r["out"]).name == f"lr_{r['lr']:g}" and r["steps"] == 20
         assert (Path(r["out"]) / "best" / "model.safetensors").is_file()
-        assert read_records(Path(r["out"]) / "metrics.jsonl")[0]["lr_peak"] == r["lr"]
+        assert not (Path(r["out"]) / "checkpoints").exists()  # a finished run keeps its result, not its optimizer
+        dev = [x for x in read_records(Path(r["out"]) / "metrics.jsonl") if "dev/accuracy" in x]
+        assert [x["lr_peak"] for x in dev] == [r["lr"]] * 2 and [x["epoch"] for x in dev] == [1, 2]
     assert summary == json.loads((out / "summary.json").read_text())
     assert p.stdout.count("e-05") >= 3  # one table row per learning rate
+    assert all(len(steps) == 20 for steps in sweep_steps(out).values())  # train.log_every=1: a line per step
+
+
+@pytest.mark.integration
+def test_a_sweep_stopped_mid_run_resumes_exactly(sweep, eval_run, task_files, tmp_path):
+    """SIGTERM during the second run's second epoch: that run saves its step and the sweep exits 0; the same
+    command skips the finished run, resumes the stopped one at its step and runs the last. Per-step losses,
+    lrs, training accuracy and batches, the dev metrics and the best models equal the uninterrupted sweep's."""
+    from safetensors.torch import load_file
+
+    _, ref = sweep
+    out = tmp_path / "sweep"
+    args = sweep_args(tmp_path, task_files, eval_run, out)
+    (tmp_path / "ft_stop.py").write_text(FT_STOP_PROBE)
+    env = base_env(FT_STOP_RUN="lr_3e-05", FT_STOP_STEP="13", FT_SCRIPT=FINETUNE,
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(tmp_path / "ft_stop.py"), *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "SIGTERM from pid" in p.stderr and "stop requested" in p.stderr, p.stderr[-3000:]
+    stopped = int((out / "lr_3e-05" / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 13 < stopped < 20, stopped  # mid-epoch 2
+    assert (out / "lr_5e-05" / "result.json").is_file() and not (out / "lr_2e-05").exists()
+
+    p = run_finetune(*args)
+    assert "lr_5e-05: finished earlier" in p.stderr and f"resumed from {out / 'lr_3e-05'}" in p.stderr, p.stderr[-3000:]
+    got, want = json.loads((out / "summary.json").read_text()), json.loads((ref / "summary.json").read_text())
+    for r in (*got["runs"], *want["runs"]):
+        r.pop("out")
+    assert got["runs"] == want["runs"] and got["best_lr"] == want["best_lr"]
+    assert sweep_steps(out) == sweep_steps(ref)
+    for run in ("lr_5e-05", "lr_3e-05", "lr_2e-05"):
+        dev = [[r[k] for k in ("step", "train/loss", "dev/accuracy", "dev/loss")]
+               for folder in (out, ref) for r in read_records(folder / run / "metrics.jsonl") if "dev/accuracy" in r]
+        assert dev[:2] == dev[2:], run
+        a, b = (load_file(folder / run / "best" / "model.safetensors") for folder in (out, ref))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
 
 
 @pytest.mark.integration

@@ -119,7 +119,7 @@ class SyncCounter:
         self.calls, self.where = [], []
         for name in SYNC_POINTS:
             monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), name))
-        for name in ("_train_step", "_agree", "_log"):
+        for name in ("train_step", "_agree", "_log"):
             monkeypatch.setattr(trainer, name, self._inside(getattr(trainer, name), name, trainer))
 
     def _counting(self, real, name):
@@ -151,30 +151,91 @@ def test_a_non_logging_step_reads_the_device_once(tmp_path, monkeypatch):
     count = SyncCounter(monkeypatch, trainer)
     assert trainer.train() == 0
     for step in (0, 1, 2):  # steps 1-3 (``trainer.step`` counts steps done): no log line
-        assert count.during("_train_step", step) == [], count.during("_train_step", step)
+        assert count.during("train_step", step) == [], count.during("train_step", step)
         assert [c[1] for c in count.during("_agree", step + 1)] == ["tolist"]
-    assert count.during("_train_step", 3) == []
+    assert count.during("train_step", 3) == []
     assert len(count.during("_log", 4)) >= 1  # the log step reads its sums, once per reduction
     log = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in log] == [4] and math.isfinite(log[0]["loss"])
 
 
+def finetune_trainer(tmp_path, monkeypatch, peak_lr: float = 0.01):
+    """Fine-tuning's Trainer as trainer.finetune wires it (classifier objective, epoch loader, dev evaluator), on
+    the stand-in engine: micro 4 x accumulation 2; 20 examples = 5 micro-batches, so each epoch's third step
+    has a padding batch. Two epochs of 3 steps; the best model is not written (the stand-in cannot save)."""
+    from types import SimpleNamespace
+
+    from bert import BertForSequenceClassification
+    from trainer import finetune, startup
+    from trainer.config import FinetuneConfig
+    from trainer.finetune_task import Encoded, Split, TaskData
+    from trainer.guards import StopFlag
+
+    monkeypatch.setattr(finetune, "_save_best", lambda *a, **k: None)
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config, 2)
+    g = torch.Generator().manual_seed(0)
+
+    def encoded(n):
+        ids = [[2, *torch.randint(5, 64, (int(k),), generator=g).tolist(), 3]
+               for k in torch.randint(3, 10, (n,), generator=g)]
+        return Encoded(ids, [[0] * len(x) for x in ids], [i % 2 for i in range(n)])
+
+    cfg = FinetuneConfig()
+    cfg.train.epochs = 2
+    none = Split([], None, [])
+    ctx = finetune.Context(cfg, "ds.json", startup.Start(StopFlag(), cfg, {}, "cpu", None, 1), 0, 1, None,
+                           SimpleNamespace(pad_id=0, fingerprint="fp"), TaskData("t", none, none, ["a", "b"]),
+                           encoded(20), encoded(8), {})
+    plan = finetune.Plan(str(tmp_path), peak_lr, micro=4, batch_size=8, steps_per_epoch=3, epochs=2, warmup_fraction=0.0)
+    trainer, _ = finetune._trainer(ctx, plan, Engine(model, gas=2), model, SimpleNamespace(precision="fp32", ds={}),
+                                   Checkpointer(), MetricsWriter(str(tmp_path), enabled=True))
+    return trainer
+
+
+def test_a_fine_tuning_step_reads_the_device_once_too(tmp_path, monkeypatch):
+    """Fine-tuning runs the same step and loop: a step that does not log (once per epoch here) reads one value,
+    the agreement; its micro-batches, the padding batch among them, read none."""
+    trainer = finetune_trainer(tmp_path, monkeypatch)
+    count = SyncCounter(monkeypatch, trainer)
+    assert trainer.train() == 0
+    for step in (0, 1, 3, 4):  # steps 1, 2, 4, 5: no log line (one per epoch: steps 3 and 6)
+        assert count.during("train_step", step) == [], count.during("train_step", step)
+        assert [c[1] for c in count.during("_agree", step + 1)] == ["tolist"]
+    assert count.during("train_step", 2) == count.during("train_step", 5) == []
+    recs = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "accuracy" in r] == [3, 6]  # the loop's log lines, the objective's keys
+    assert [(r["epoch"], r["total_steps"]) for r in recs if "dev/accuracy" in r] == [(1, 6), (2, 6)]
+    assert trainer.samples_seen == 2 * 20  # the padding batches are stepped, not counted
+    assert recs[-1]["best/dev_accuracy"] == max(r["dev/accuracy"] for r in recs if "dev/accuracy" in r)
+
+
+def test_a_non_finite_fine_tuning_loss_stops_without_saving(tmp_path, monkeypatch, capsys):
+    """Fine-tuning has the non-finite guard of the loop: lr 1e30 throws the weights into overflow at the first
+    update, the second step's loss is not finite, every rank stops there (exit 3) and the bad state is not saved."""
+    trainer = finetune_trainer(tmp_path, monkeypatch, peak_lr=1e30)
+    assert trainer.train() == 3
+    assert trainer.step == 2 and trainer.checkpointer.last_saved is None
+    assert "stopping at step 2: non-finite loss in fp32" in capsys.readouterr().err
+
+
 def test_the_budget_test_sees_a_sync_put_back(tmp_path, monkeypatch):
     """The counter is not blind: a `.item()` in the step (the per-micro-batch read the loop used to do) shows."""
     trainer, _ = make_trainer(tmp_path, steps=2, log_every=2)
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
-    def step_with_a_read(batches, win):
-        nonfinite = real_step(batches, win)
-        torch.isfinite(win.sums["loss_sum"]).item()  # the read under test
-        return nonfinite
+    def step_with_a_read(batches):
+        stats = real_step(batches)
+        torch.isfinite(stats.sums["loss_sum"]).item()  # the read under test
+        return stats
 
-    monkeypatch.setattr(trainer, "_train_step", step_with_a_read)
+    monkeypatch.setattr(trainer, "train_step", step_with_a_read)
     # the read sits in this file: count it as the project's
     monkeypatch.setattr(sys.modules[__name__], "PROJECT_DIRS", PROJECT_DIRS + (os.path.abspath(__file__),))
     count = SyncCounter(monkeypatch, trainer)
     trainer.train()
-    assert [c[1] for c in count.during("_train_step", 0)] == ["item"]
+    assert [c[1] for c in count.during("train_step", 0)] == ["item"]
 
 
 def test_the_model_reads_nothing_back(monkeypatch):
@@ -256,14 +317,14 @@ def test_gradient_noise_scale_matches_the_estimator(tmp_path):
     trainer, batches = make_trainer(tmp_path, steps=3, log_every=3, gas=4, callbacks=[gns], batch_seeds=(0, 0, 0, 1))
     model = trainer.engine.module
     snapshot = {}
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
-    def keep_weights(b, win):  # the weights the log step starts from
+    def keep_weights(b):  # the weights the log step starts from
         if trainer.step == 2:
             snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
-        return real_step(b, win)
+        return real_step(b)
 
-    trainer._train_step = keep_weights
+    trainer.train_step = keep_weights
     assert trainer.train() == 0
     assert armed == [3]
     rec = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")][-1]

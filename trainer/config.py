@@ -233,6 +233,9 @@ class FtTrainConfig:
     out: str = ""
     export_hf: bool = False
     """Also write out/best_hf in transformers' layout."""
+    log_every: int = 0
+    """Optimizer steps between log lines (rounded down to a divisor of an epoch's steps, so that every epoch
+    ends with one); 0 = one per epoch."""
 
 
 @dataclass
@@ -264,6 +267,8 @@ class FinetuneConfig:
             raise ConfigError(f"model.dropout (--dropout) must be in [0, 1), got {m.dropout}")
         if k.max_len < 3:
             raise ConfigError(f"task.max_len (--max-len) must be >= 3 ([CLS] x [SEP]), got {k.max_len}")
+        if t.log_every < 0:
+            raise ConfigError(f"train.log_every must be >= 0 (0 = once per epoch), got {t.log_every}")
         if any(lr <= 0 for lr in t.sweep_lrs):
             raise ConfigError(f"train.sweep_lrs must be positive, got {t.sweep_lrs}")
 

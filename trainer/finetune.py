@@ -1,318 +1,135 @@
-"""Sequence-classification fine-tuning (GLUE-style) on the DeepSpeed engine, as in the BERT paper.
-
-Model: BertForSequenceClassification ([CLS] pooled output -> dropout -> linear), encoder and pooler copied
-from the pretrained BertForPreTraining, classifier head freshly initialised (normal(0, 0.02), seeded).
+"""Sequence-classification fine-tuning (GLUE-style) as in the BERT paper, trained by the project's one loop:
+a ``trainer.trainer.Trainer`` with a classifier objective, an epoch loader and a dev evaluator.
 
 Recipe (paper, section 4.1 / appendix A.3): batch 32 (the DeepSpeed JSON's train_batch_size), lr in
 {5e-5, 3e-5, 2e-5} (train.sweep_lrs: one run per lr, each as the JSON override ds.optimizer.params.lr), 3
 epochs, linear warmup over the first 10% of steps then linear decay to 0 (trainer.schedule), dropout 0.1,
-max length 128. Engine, weight-decay rule, precision decision, metrics and consolidation of the best weights
-are pretraining's own pieces (trainer.engine, trainer.precision, trainer.metrics, trainer.checkpoint_read).
+max length 128. Task data and the classifier model are trainer.finetune_task's; start-up, engine, precision,
+the step, stop signals, checkpoints and metrics are pretraining's own (trainer.startup, trainer.trainer).
 
-Tasks: GLUE through `datasets` (`nyu-mll/glue`, needs the hub) or local CSV / TSV / JSONL files with a text
-column, an optional second text column and a label column. Labels are mapped to ids deterministically:
-GLUE keeps its ClassLabel ids; local labels are sorted (numerically when every label is an integer,
-otherwise as strings) and the dev set must only use labels seen in training.
+Because it is the Trainer: a stop signal (SIGTERM, SIGUSR1, Ctrl-C) makes every rank save the same step and
+exit 0; the same command resumes the sweep: finished runs (``result.json``) are skipped, the interrupted one
+continues at its step with the same batches (the loader's position and the RNG streams are in its checkpoint,
+the dev history in the Trainer's state); a non-finite loss stops it (exit 3). An epoch is a whole number of
+optimizer steps (its last step padded with zero-weight batches when the accumulation does not divide it), so
+the dev evaluation and the checkpoint of each epoch fall on a step boundary.
 
-Output of one run (``out_dir``): ``ds_config.json`` (as resolved, its lr included), ``metrics.jsonl`` +
-``tensorboard/`` (per epoch: dev accuracy/loss, train loss, lr; at the end the best), ``best/`` (our format:
-model.safetensors fp32, classifier_config.json, tokenizer/; load with ``load_classifier``) and optionally
-``best_hf/`` (transformers' BertForSequenceClassification layout).
+Output of one run (``out_dir``; OUT/lr_<lr>/ in a sweep): ``settings.json`` (what a later start must match),
+``ds_config.json`` (as resolved, its lr included), ``metrics.jsonl`` + ``tensorboard/`` (the loop's log lines;
+per epoch a record with dev accuracy/loss, train loss, lr; at the end the best), ``checkpoints/`` while it
+runs, ``best/`` (our format: model.safetensors fp32, classifier_config.json, tokenizer/; load with
+``finetune_task.load_classifier``), optionally ``best_hf/`` (transformers' layout) and, once finished,
+``result.json``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from bert import BertConfig, BertForSequenceClassification
+from bert import BertForSequenceClassification
 from common import files
-from data.loader import padded_length
-from trainer import dist
+from trainer import dist, startup
+from trainer.callbacks import Callback
 from trainer.config import FinetuneConfig
 from trainer.errors import FinetuneError
+from trainer.finetune_task import (Encoded, TaskData, build_classifier, check_tokenizer, collate, dev_batches,
+                                   encode_split, export_classifier_hf, load_task, save_classifier, train_batches)
 
-log = logging.getLogger(__name__)
+RESULT, SETTINGS = "result.json", "settings.json"
 
-# GLUE classification tasks: name -> (first text column, second text column or None, dev split).
-# STS-B is regression and is not offered.
-GLUE_TASKS = {
-    "cola": ("sentence", None, "validation"),
-    "sst2": ("sentence", None, "validation"),
-    "mrpc": ("sentence1", "sentence2", "validation"),
-    "qqp": ("question1", "question2", "validation"),
-    "mnli": ("premise", "hypothesis", "validation_matched"),
-    "qnli": ("question", "sentence", "validation"),
-    "rte": ("sentence1", "sentence2", "validation"),
-    "wnli": ("sentence1", "sentence2", "validation"),
-}
-CLASSIFIER_CONFIG = "classifier_config.json"
+
+def log(rank: int, msg: str) -> None:
+    """Rank 0 prints to stderr (stdout carries the final table and JSON line); through tqdm.write, so a line
+    never lands inside the progress bar's line."""
+    if rank == 0:
+        from tqdm import tqdm
+
+        tqdm.write(f"[finetune] {msg}", file=sys.stderr)
+        sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------------------------
-# Task data
+# What the Trainer runs: loader, objective, dev evaluator
 
 
-@dataclass
-class Split:
-    text_a: list[str]
-    text_b: list[str] | None
-    labels: list[int]
+class EpochLoader:
+    """This rank's training micro-batches, epoch after epoch, as the Trainer reads a loader. Each epoch is a
+    permutation from (seed, epoch) (finetune_task.train_batches), padded at its end with zero-weight batches
+    (``is_padding``) to whole optimizer steps. Its position (epoch, batch) is what a checkpoint holds; it is a
+    position in this rank's plan, so a resume needs the same number of ranks."""
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def __init__(self, data: Encoded, micro: int, accum: int, rank: int, world: int, seed: int, pad_id: int):
+        self.data, self.micro, self.accum, self.pad_id = data, micro, accum, pad_id
+        self.rank, self.world, self.seed = rank, world, seed
+        self.epoch, self.index = 1, 0  # the next micro-batch to yield
+        self.steps_per_epoch = -(-len(train_batches(len(data), micro, rank, world, seed, 1)) // accum)
 
+    def _plan(self, epoch: int) -> list[Optional[list[int]]]:
+        """The epoch's micro-batches (example indices); None: a padding batch."""
+        plan: list = train_batches(len(self.data), self.micro, self.rank, self.world, self.seed, epoch)
+        return plan + [None] * (self.steps_per_epoch * self.accum - len(plan))
 
-@dataclass
-class TaskData:
-    name: str
-    train: Split
-    dev: Split
-    label_names: list[str]
+    def __iter__(self):
+        while True:
+            plan = self._plan(self.epoch)
+            while self.index < len(plan):
+                indices = plan[self.index]
+                self.index += 1
+                yield self._batch(plan[0] if indices is None else indices, padding=indices is None)
+            self.epoch, self.index = self.epoch + 1, 0
 
-    @property
-    def paired(self) -> bool:
-        return self.train.text_b is not None
+    def _batch(self, indices: list[int], padding: bool) -> dict:
+        """collate's tensors and the host facts the Trainer reads (no device value is read for them)."""
+        return {**collate(self.data, indices, self.pad_id), "is_padding": padding,
+                "keys": [] if padding else list(indices),
+                "tokens": sum(len(self.data.input_ids[i]) for i in indices)}
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.index, "world_size": self.world}
 
-def _sorted_labels(values: set[str]) -> list[str]:
-    """Deterministic label order: numeric when every label is an integer ("0" < "2" < "10"), else by string."""
-    try:
-        return sorted(values, key=int)
-    except ValueError:
-        return sorted(values)
+    def load_state_dict(self, sd: dict) -> str:
+        if sd["world_size"] != self.world:
+            raise ValueError(f"its position is in the batches of {sd['world_size']} rank(s); resume fine-tuning "
+                             f"on {sd['world_size']} rank(s) (this start has {self.world})")
+        self.epoch, self.index = sd["epoch"], sd["batch"]
+        return ""
 
-
-def _read_rows(path: str) -> tuple[list[dict], list[str]]:
-    """Rows (dicts) and column names of a .csv / .tsv / .jsonl file."""
-    if not os.path.isfile(path):
-        raise FinetuneError(f"{path}: file not found")
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".csv", ".tsv"):
-            # TSV (GLUE's format) has unescaped quotes inside sentences: no quoting there.
-            reader = (csv.DictReader(f) if ext == ".csv"
-                      else csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-            for n, row in enumerate(rows, 2):  # line 1 is the header
-                if None in row or any(v is None for v in row.values()):
-                    raise FinetuneError(f"{path}: line {n}: has {len(row) - (None in row)} fields where the "
-                                        f"header has {len(columns)}")
-            return rows, columns
-        if ext in (".jsonl", ".json"):
-            rows = files.read_jsonl(path, "data file")
-            return rows, list(dict.fromkeys(k for row in rows for k in row))  # columns in order of appearance
-    raise FinetuneError(f"{path}: unknown file type {ext!r}; expected .csv, .tsv or .jsonl")
+    def health_report(self) -> dict:
+        """Nothing to report: the examples are in memory (the Trainer asks every loader)."""
+        return {"opened": {}, "damaged": {}, "corrupt": {}}
 
 
-@dataclass
-class Columns:
-    text: str = "text"
-    text_b: str | None = "text_b"
-    label: str = "label"
-    text_b_explicit: bool = False  # the user named text_b: then it must exist
+class ClassifierObjective:
+    """bert.BertForSequenceClassification for the Trainer: cross-entropy on the labels; a log line's ``loss`` is
+    the example-weighted mean and ``accuracy`` the training accuracy, from exact sums."""
 
+    sum_keys = ("cls_loss_sum", "cls_correct", "cls_count")
 
-def _read_split(path: str, cols: Columns) -> tuple[list[str], list[str] | None, list[str]]:
-    rows, columns = _read_rows(path)
-    if not rows:
-        raise FinetuneError(f"{path}: no rows")
-    for name, what in ((cols.text, "--text-column"), (cols.label, "--label-column")):
-        if name not in columns:
-            raise FinetuneError(f"{path}: no column {name!r} (columns: {columns}); choose one with {what}")
-    use_b = cols.text_b is not None and cols.text_b in columns
-    if cols.text_b_explicit and not use_b:
-        raise FinetuneError(f"{path}: no column {cols.text_b!r} (columns: {columns}) given by --text-b-column")
-    a, b, labels = [], [] if use_b else None, []
-    first_line = 2 if path.lower().endswith((".csv", ".tsv")) else 1
-    for n, row in enumerate(rows, first_line):
-        text = row.get(cols.text)
-        if not isinstance(text, str) or not text.strip():
-            raise FinetuneError(f"{path}: row {n}: column {cols.text!r} is empty or not text ({text!r})")
-        a.append(text)
-        if use_b:
-            tb = row.get(cols.text_b)
-            if not isinstance(tb, str) or not tb.strip():
-                raise FinetuneError(f"{path}: row {n}: column {cols.text_b!r} is empty or not text ({tb!r})")
-            b.append(tb)
-        label = row.get(cols.label)
-        if label is None or str(label).strip() == "":
-            raise FinetuneError(f"{path}: row {n}: column {cols.label!r} is empty")
-        labels.append(str(label).strip())
-    return a, b, labels
+    def inputs(self, batch: dict) -> dict:
+        return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels")}
 
+    def __call__(self, out, inputs: dict) -> tuple[torch.Tensor, dict]:
+        loss, logits = out
+        labels = inputs["labels"]
+        return loss, {"cls_loss_sum": loss.detach().float() * labels.shape[0],
+                      "cls_correct": (logits.detach().argmax(-1) == labels).sum(), "cls_count": labels.shape[0]}
 
-def load_local_task(train_path: str, dev_path: str, cols: Columns) -> TaskData:
-    """Local CSV/TSV/JSONL train + dev files -> TaskData with deterministic label ids."""
-    ta, tb, tl = _read_split(train_path, cols)
-    da, db, dl = _read_split(dev_path, cols)
-    if (tb is None) != (db is None):
-        has, lacks = (train_path, dev_path) if tb is not None else (dev_path, train_path)
-        raise FinetuneError(f"{has} has a {cols.text_b!r} column but {lacks} does not; both or neither")
-    names = _sorted_labels(set(tl))
-    if len(names) < 2:
-        raise FinetuneError(f"{train_path}: column {cols.label!r} has only one label value {names}")
-    ids = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(dl) - set(ids))
-    if unknown:
-        raise FinetuneError(f"{dev_path}: labels {unknown} do not occur in {train_path} (labels: {names})")
-    name = os.path.splitext(os.path.basename(train_path))[0]
-    return TaskData(name=name, label_names=names,
-                    train=Split(ta, tb, [ids[x] for x in tl]), dev=Split(da, db, [ids[x] for x in dl]))
-
-
-def load_glue_task(name: str) -> TaskData:  # pragma: no cover - needs the Hugging Face hub
-    """GLUE task `name` from the hub (`nyu-mll/glue`); label ids are GLUE's own ClassLabel ids."""
-    if name not in GLUE_TASKS:
-        raise FinetuneError(f"unknown task {name!r}; GLUE classification tasks: {', '.join(GLUE_TASKS)} "
-                            f"(or use --train/--dev with local files)")
-    import datasets
-
-    col_a, col_b, dev_split = GLUE_TASKS[name]
-    try:
-        ds = datasets.load_dataset("nyu-mll/glue", name)
-    except Exception as e:  # network/hub errors come in many types; the message is what matters
-        raise FinetuneError(f"cannot load GLUE task {name!r} from the hub ({type(e).__name__}: {e}); "
-                            f"offline, pass --train/--dev files instead") from None
-    label_names = list(ds["train"].features["label"].names)
-
-    def split(part) -> Split:
-        return Split(list(part[col_a]), list(part[col_b]) if col_b else None, [int(x) for x in part["label"]])
-
-    return TaskData(name=name, train=split(ds["train"]), dev=split(ds[dev_split]), label_names=label_names)
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding and batching
-
-
-@dataclass
-class Encoded:
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def encode_split(tokenizer, split: Split, max_len: int) -> Encoded:
-    ids, types = [], []
-    for i in range(len(split)):
-        a, t = tokenizer.encode_pair(split.text_a[i], split.text_b[i] if split.text_b is not None else None,
-                                     max_length=max_len)
-        ids.append(a)
-        types.append(t)
-    return Encoded(ids, types, list(split.labels))
-
-
-def collate(data: Encoded, indices: list[int], pad_id: int) -> dict:
-    """Pad the chosen examples to the batch's longest, rounded up to a multiple of 8."""
-    S = padded_length(max(len(data.input_ids[i]) for i in indices))
-    B = len(indices)
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)  # (B, S)
-    token_type_ids = torch.zeros((B, S), dtype=torch.long)  # (B, S)
-    attention_mask = torch.zeros((B, S), dtype=torch.long)  # (B, S), 1 = real token
-    for row, i in enumerate(indices):
-        n = len(data.input_ids[i])
-        input_ids[row, :n] = torch.tensor(data.input_ids[i])
-        token_type_ids[row, :n] = torch.tensor(data.token_type_ids[i])
-        attention_mask[row, :n] = 1
-    labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)  # (B,)
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-            "labels": labels}
-
-
-def train_batches(n: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro batches for one epoch: a permutation from (seed, epoch), position p -> rank
-    p % world, the last partial round wrapped around so every rank gets the same number of batches
-    (ceil(n / world) samples each, as torch's DistributedSampler)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    per_rank = -(-n // world)
-    order += order[: per_rank * world - n]  # wrap: a few samples seen twice when n % world != 0
-    mine = order[rank::world]
-    return [mine[i: i + micro_batch] for i in range(0, len(mine), micro_batch)]
-
-
-def dev_batches(n: int, micro_batch: int, rank: int, world: int) -> list[tuple[list[int], list[bool]]]:
-    """Disjoint dev shards (index i -> rank i % world), padded with masked copies of example 0 so every
-    rank runs the same number of forwards (ZeRO-3 gathers parameters in every forward)."""
-    per_rank = -(-n // world)
-    mine = list(range(rank, n, world))
-    real = [True] * len(mine) + [False] * (per_rank - len(mine))
-    mine += [0] * (per_rank - len(mine))
-    return [(mine[i: i + micro_batch], real[i: i + micro_batch]) for i in range(0, per_rank, micro_batch)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-def build_classifier(pretrained, num_labels: int, dropout: float, seed: int) -> BertForSequenceClassification:
-    """Encoder + pooler from `pretrained` (BertForPreTraining), new head; dropout set on every layer."""
-    config = dataclasses.replace(pretrained.config, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)  # the head's init: same on every rank and every run with this seed
-    model = BertForSequenceClassification(config, num_labels)
-    model.bert.load_state_dict(pretrained.bert.state_dict(), strict=True)
-    return model
-
-
-def save_classifier(model: BertForSequenceClassification, out_dir: str, tokenizer, info: dict) -> None:
-    """Our format: model.safetensors (fp32), classifier_config.json, tokenizer/."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    cfg = {"model_config": model.config.to_dict(), "num_labels": model.num_labels, **info}
-    files.write_json(os.path.join(out_dir, CLASSIFIER_CONFIG), cfg)
-    tokenizer.save(os.path.join(out_dir, "tokenizer"))
-
-
-def load_classifier(path: str):
-    """(BertForSequenceClassification in eval mode, BertTokenizer, classifier_config dict) from save_classifier."""
-    from safetensors.torch import load_file
-
-    from data.tokenizer import load_tokenizer
-    from trainer.checkpoint_read import load_state_into
-
-    cfg_path = os.path.join(path, CLASSIFIER_CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise FinetuneError(f"{cfg_path}: missing (not a fine-tuned model directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        info = json.load(f)
-    model = BertForSequenceClassification(BertConfig.from_dict(info["model_config"]), info["num_labels"])
-    load_state_into(model, load_file(os.path.join(path, "model.safetensors")), path)
-    return model.eval(), load_tokenizer(os.path.join(path, "tokenizer")), info
-
-
-def export_classifier_hf(model: BertForSequenceClassification, out_dir: str, tokenizer_dir: str,
-                         label_names: list[str], fingerprint: str) -> None:
-    """transformers' BertForSequenceClassification layout (bert.hf.to_hf) with num_labels/id2label/label2id."""
-    from bert.hf import to_hf
-
-    to_hf(model.float(), out_dir, tokenizer_dir, fingerprint=fingerprint, extra_config={
-        "num_labels": len(label_names), "problem_type": "single_label_classification",
-        "id2label": {str(i): n for i, n in enumerate(label_names)},
-        "label2id": {n: i for i, n in enumerate(label_names)}})
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
+    def summary(self, sums: dict) -> dict:
+        n = sums["cls_count"]
+        return {"loss": sums["cls_loss_sum"] / n if n else float("nan"),
+                "accuracy": sums["cls_correct"] / n if n else float("nan")}
 
 
 @dataclass
@@ -324,6 +141,27 @@ class RunResult:
     best_epoch: int = 0
     steps: int = 0
     batch_size: int = 0
+
+
+@dataclass
+class Plan:
+    """One run of the sweep: its folder, peak lr and step arithmetic."""
+
+    out: str
+    peak_lr: float
+    micro: int
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    warmup_fraction: float
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_fraction * self.total_steps)
 
 
 @torch.no_grad()
@@ -368,88 +206,60 @@ def _save_best(engine, model, tokenizer, task: TaskData, cfg: FinetuneConfig, ou
     dist.barrier()
 
 
-def finetune(pretrained, tokenizer, task: TaskData, ds_config: dict, cfg: FinetuneConfig, out_dir: str, *,
-             info: dict | None = None) -> RunResult:
-    """One fine-tuning run with the resolved DeepSpeed JSON ``ds_config`` (its lr is the peak); collective
-    (every rank calls it). Returns per-epoch dev accuracy and the best; rank 0 writes out_dir."""
-    from tqdm import tqdm
+class DevEvaluator(Callback):
+    """The Trainer's validation for fine-tuning: at the end of each epoch, dev accuracy and loss over every rank,
+    one record (with the epoch's train loss and the lr), and the best epoch's model kept in ``out/best``. Its
+    history is a component of the Trainer's state (a checkpoint holds it), so a resumed run reports and keeps
+    the same best as an uninterrupted one. The epoch's train loss is summed from the log lines of its steps
+    (the whole epoch when the checkpoint a run resumed from was at a log step)."""
 
-    from trainer.engine import build_engine
-    from trainer.metrics import MetricsWriter
-    from trainer.schedule import lr_at, set_lr
+    def __init__(self, engine, model, dev: Encoded, plan: Plan, metrics, save_best, pad_id: int,
+                 log=print):
+        self.engine, self.model, self.dev, self.plan, self.metrics = engine, model, dev, plan, metrics
+        self.save_best, self.pad_id, self.log = save_best, pad_id, log
+        self.dev_accuracy: list[float] = []
+        self.best_accuracy, self.best_epoch = -1.0, 0
+        self.epoch_sums = [0.0, 0.0]  # train loss sum, examples of the epoch's log lines so far
 
-    rank, world = dist.rank_world()
-    t = cfg.train
-    model = build_classifier(pretrained, len(task.label_names), cfg.model.dropout, t.seed)
-    engine = build_engine(model, ds_config)
-    peak_lr = float(ds_config["optimizer"]["params"]["lr"])
-    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    batch_size = engine.train_batch_size()  # micro x accum x world, as resolved
+    def state_dict(self) -> dict:
+        return {"dev_accuracy": list(self.dev_accuracy), "best_accuracy": self.best_accuracy,
+                "best_epoch": self.best_epoch, "epoch_sums": list(self.epoch_sums)}
 
-    train = encode_split(tokenizer, task.train, cfg.task.max_len)
-    dev = encode_split(tokenizer, task.dev, cfg.task.max_len)
-    micro_per_epoch = len(train_batches(len(train), micro, rank, world, t.seed, 0))
-    # Optimizer steps happen every `accum` micro batches, counted across epoch boundaries.
-    total_steps = max(1, t.epochs * micro_per_epoch // accum)
-    warmup_steps = round(t.warmup_fraction * total_steps)
+    def load_state_dict(self, sd: dict) -> None:
+        self.dev_accuracy, self.epoch_sums = list(sd["dev_accuracy"]), list(sd["epoch_sums"])
+        self.best_accuracy, self.best_epoch = sd["best_accuracy"], sd["best_epoch"]
 
-    writer = MetricsWriter(out_dir, enabled=rank == 0)
-    if rank == 0:
-        files.write_json(os.path.join(out_dir, "ds_config.json"), ds_config)
-        print(f"fine-tune {task.name}: {len(train)} train / {len(dev)} dev examples, {len(task.label_names)} "
-              f"labels, batch {batch_size} (micro {micro} x accum {accum} x world {world}), lr {peak_lr:g}, "
-              f"{t.epochs} epochs = {total_steps} steps, warmup {warmup_steps}", file=sys.stderr)
-    result = RunResult(lr=peak_lr, out_dir=out_dir, batch_size=batch_size)
-    step = 0
-    engine.train()
-    try:
-        for epoch in range(1, t.epochs + 1):
-            loss_sum = [0.0, 0.0]  # train loss sum, examples
-            batches = train_batches(len(train), micro, rank, world, t.seed, epoch)
-            for indices in tqdm(batches, desc=f"epoch {epoch}/{t.epochs} lr {peak_lr:g}",
-                                disable=None if rank == 0 else True, leave=False):
-                batch = {k: v.to(engine.device) for k, v in collate(train, indices, tokenizer.pad_id).items()}
-                loss, _logits = engine(**batch)
-                engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary():  # this step() updates the weights
-                    set_lr(engine.optimizer, lr_at(min(engine.global_steps, total_steps - 1), peak_lr,
-                                                   warmup_steps, total_steps))
-                engine.step()
-                loss_sum = [loss_sum[0] + loss.item() * len(indices), loss_sum[1] + len(indices)]
-                step = engine.global_steps
-            train_loss = dist.all_reduce_sum(loss_sum, engine.device)
-            dev_metrics = evaluate_classifier(engine, dev, micro, tokenizer.pad_id)
-            acc = dev_metrics["accuracy"]
-            result.dev_accuracy.append(acc)
-            record = {"step": step, "epoch": epoch, "lr_peak": peak_lr, "lr": engine.optimizer.param_groups[0]["lr"],
-                      "warmup_steps": warmup_steps, "total_steps": total_steps,
-                      "train/loss": train_loss[0] / train_loss[1],
-                      "dev/accuracy": acc, "dev/loss": dev_metrics["loss"], "dev/examples": dev_metrics["count"]}
-            writer.record(record)
-            writer.scalars(step, {k: v for k, v in record.items() if "/" in k or k == "lr"})
-            improved = acc > result.best_accuracy
-            if improved:
-                result.best_accuracy, result.best_epoch = acc, epoch
-                _save_best(engine, model, tokenizer, task, cfg, out_dir, {
-                    "task": task.name, "labels": task.label_names, "paired": task.paired,
-                    "max_len": cfg.task.max_len, "lr": peak_lr, "epoch": epoch, "step": step, "dev_accuracy": acc,
-                    "tokenizer_fingerprint": tokenizer.fingerprint, **(info or {})})
-            if rank == 0:
-                print(f"epoch {epoch}: dev accuracy {acc:.4f} (loss {dev_metrics['loss']:.4f}), train loss "
-                      f"{record['train/loss']:.4f}{'  *best*' if improved else ''}", file=sys.stderr)
-        result.steps = step
-        writer.record({"step": step, "best/dev_accuracy": result.best_accuracy, "best/epoch": result.best_epoch,
-                       "lr_peak": peak_lr})
-        writer.scalars(step, {"best/dev_accuracy": result.best_accuracy})
-    finally:
-        writer.close()
-        if rank == 0:  # optimizer states: not needed once best/ is written
-            shutil.rmtree(os.path.join(out_dir, "checkpoint_tmp"), ignore_errors=True)
-        del engine
-        gc.collect()
-    if not math.isfinite(result.best_accuracy):
-        raise FinetuneError("dev accuracy is not finite")
-    return result
+    def on_log(self, trainer, record, sums, elapsed) -> None:
+        self.epoch_sums = [self.epoch_sums[0] + sums["cls_loss_sum"], self.epoch_sums[1] + sums["cls_count"]]
+
+    def __call__(self, step: int, stop=None) -> bool:
+        """At an epoch's last step, once per epoch (a resume of the last step's checkpoint does not evaluate it
+        again); a dev pass is short, so it runs to its end even when a stop arrives."""
+        p = self.plan
+        epoch = step // p.steps_per_epoch
+        if step == 0 or step % p.steps_per_epoch or epoch <= len(self.dev_accuracy):
+            return True
+        dev = evaluate_classifier(self.engine, self.dev, p.micro, self.pad_id)
+        acc = dev["accuracy"]
+        self.dev_accuracy.append(acc)
+        train_loss = self.epoch_sums[0] / self.epoch_sums[1] if self.epoch_sums[1] else float("nan")
+        self.epoch_sums = [0.0, 0.0]
+        record = {"step": step, "epoch": epoch, "lr_peak": p.peak_lr, "lr": self.engine.optimizer.param_groups[0]["lr"],
+                  "warmup_steps": p.warmup_steps, "total_steps": p.total_steps, "train/loss": train_loss,
+                  "dev/accuracy": acc, "dev/loss": dev["loss"], "dev/examples": dev["count"]}
+        self.metrics.record(record)
+        self.metrics.scalars(step, {k: v for k, v in record.items() if "/" in k})
+        improved = acc > self.best_accuracy
+        if improved:
+            self.best_accuracy, self.best_epoch = acc, epoch
+            self.save_best(self.engine, self.model, {"epoch": epoch, "step": step, "dev_accuracy": acc})
+        self.log(f"epoch {epoch}: dev accuracy {acc:.4f} (loss {dev['loss']:.4f}), train loss "
+                 f"{train_loss:.4f}{'  *best*' if improved else ''}")
+        if epoch == p.epochs:
+            self.metrics.record({"step": step, "best/dev_accuracy": self.best_accuracy, "best/epoch": self.best_epoch,
+                                 "lr_peak": p.peak_lr})
+            self.metrics.scalars(step, {"best/dev_accuracy": self.best_accuracy})
+        return True
 
 
 def format_results(results: list[RunResult]) -> str:
@@ -465,56 +275,168 @@ def format_results(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def check_tokenizer(tokenizer, meta, allow_mismatch: bool, model_vocab: int) -> None:
-    if tokenizer.vocab_size > model_vocab:
-        raise FinetuneError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_vocab}: "
-                            f"ids would be out of range")
-    if tokenizer.fingerprint == meta.tokenizer_fingerprint:
-        if not meta.fingerprint_recorded:
-            print(f"warning: {meta.path} records no pretraining tokenizer fingerprint; assuming its own "
-                  f"tokenizer files are the pretraining tokenizer", file=sys.stderr)
-        return
-    msg = (f"tokenizer mismatch: fine-tuning tokenizer has fingerprint {tokenizer.fingerprint}, the model "
-           f"{meta.path} was pretrained with {meta.tokenizer_fingerprint}")
-    if not allow_mismatch:
-        raise FinetuneError(msg + "; use the pretraining tokenizer (or --allow-tokenizer-mismatch)")
-    print(f"warning: {msg}; continuing because of --allow-tokenizer-mismatch", file=sys.stderr)
+# ----------------------------------------------------------------------------------------------
+# One run of the sweep, and the sweep
 
 
-def _load_task(cfg: FinetuneConfig, rank: int) -> TaskData:
-    k = cfg.task
-    if k.name is None:
-        columns = Columns(text=k.text_column, text_b=k.text_b_column or "text_b", label=k.label_column,
-                          text_b_explicit=k.text_b_column is not None)
-        return load_local_task(k.train, k.dev, columns)
-    if rank != 0:  # rank 0 downloads into the datasets cache first; the others then read the cache
+@dataclass
+class Context:
+    """What every run of a sweep shares."""
+
+    cfg: FinetuneConfig
+    ds_path: str
+    start: startup.Start
+    rank: int
+    world: int
+    pretrained: object  # bert.BertForPreTraining
+    tokenizer: object
+    task: TaskData
+    train: Encoded
+    dev: Encoded
+    info: dict  # where the pretrained model came from (recorded with the best model)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_settings(out: str, settings: dict) -> None:
+    """A run folder continues only with the settings it started with (the sweep's list of lrs may change)."""
+    path = os.path.join(out, SETTINGS)
+    recorded = files.read_json(path, "fine-tuning settings")
+    new, old = _flat(json.loads(json.dumps(settings))), _flat(recorded)
+    diffs = [f"{k} is {old.get(k)!r} in {path} but {new.get(k)!r} in this start"
+             for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
+    if diffs:
+        raise FinetuneError(f"cannot continue the fine-tuning run in {out}: " + "; ".join(diffs)
+                            + "; keep them, or fine-tune into another --out")
+
+
+def _settings(ctx: Context, ds: dict) -> dict:
+    cfg = ctx.cfg.to_dict()
+    cfg["train"].pop("sweep_lrs")
+    return {"finetune": cfg, "ds_config": ds, "world_size": ctx.world, **ctx.info}
+
+
+def _open_folder(ctx: Context, out: str, ds: dict) -> Optional[RunResult]:
+    """The run's folder: a finished run's result (checked against this start's settings), or None after
+    checking (or, on its first start, writing) its settings. Every rank gets the same answer or refusal."""
+    settings = _settings(ctx, ds)
+
+    def decide(_heartbeat):
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, SETTINGS)):
+            _check_settings(out, settings)
+        else:
+            files.write_json(os.path.join(out, SETTINGS), settings)
+            files.write_json(os.path.join(out, "ds_config.json"), ds)
+        done = os.path.join(out, RESULT)
+        return files.read_json(done, "fine-tuning result") if os.path.exists(done) else None
+
+    from trainer.checkpoint import on_rank0
+
+    result = on_rank0(decide, f"fine-tuning run folder {out}")
+    return RunResult(**result) if result is not None else None
+
+
+def _trainer(ctx: Context, plan: Plan, engine, model, resolved, checkpointer, metrics):
+    """The Trainer of one run: the classifier objective, the epoch loader, the dev evaluator."""
+    from data.health import DataHealth
+    from trainer.callbacks import GradNorm
+    from trainer.config import RollbackConfig, TrainConfig
+    from trainer.rollback import Rollback
+    from trainer.trainer import RunInfo, Trainer
+
+    t, say = ctx.cfg.train, (lambda m: log(ctx.rank, m))
+    loader = EpochLoader(ctx.train, plan.micro, engine.gradient_accumulation_steps(), ctx.rank, ctx.world, t.seed,
+                         ctx.tokenizer.pad_id)
+    meta = {"task": ctx.task.name, "labels": ctx.task.label_names, "paired": ctx.task.paired,
+            "max_len": ctx.cfg.task.max_len, "lr": plan.peak_lr, "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
+            **ctx.info}
+    evaluator = DevEvaluator(engine, model, ctx.dev, plan, metrics, pad_id=ctx.tokenizer.pad_id, log=say,
+                             save_best=lambda e, m, at: _save_best(e, m, ctx.tokenizer, ctx.task, ctx.cfg, plan.out,
+                                                                   {**meta, **at}))
+    spe = plan.steps_per_epoch
+    log_every = t.log_every or spe  # a divisor of the epoch, so that every epoch ends with a log line
+    log_every = max(d for d in range(1, min(log_every, spe) + 1) if spe % d == 0)
+    cfg = TrainConfig(max_steps=plan.total_steps, warmup_steps=plan.warmup_steps, seed=t.seed, output_dir=plan.out,
+                      log_every=log_every, eval_every=spe, save_every=spe, keep_checkpoints=1, log_batch_keys=True)
+    info = RunInfo(rank=ctx.rank, world=ctx.world, precision=resolved.precision, global_batch=plan.batch_size,
+                   peak_lr=plan.peak_lr, warmup=plan.warmup_steps, peak_tflops=1.0, flops={}, ds_path=ctx.ds_path,
+                   min_loss_scale=float((resolved.ds.get("fp16") or {}).get("min_loss_scale", 1)), name="finetune")
+    # No rollback: the epoch loader has no skip list, and a fine-tuning run is minutes long (a divergence stops it,
+    # naming the last good checkpoint, as it did before rollbacks existed).
+    no_rollback = Rollback(RollbackConfig(enabled=False))
+    return Trainer(engine, loader, cfg, info, metrics=metrics, checkpointer=checkpointer, health=DataHealth(0, 0.0, 0),
+                   validate=evaluator, stop=ctx.start.stop, log=say, callbacks=[GradNorm(), evaluator],
+                   objective=ClassifierObjective(), components={"dev": evaluator}, rollback=no_rollback), evaluator
+
+
+def finetune(ctx: Context, out: str, resolved) -> RunResult | int:
+    """One run of the sweep (collective): its RunResult, or the exit status when it stopped early (0: a stop
+    signal, saved; the same command resumes it)."""
+    from trainer import checkpoint, rng
+    from trainer.metrics import MetricsWriter
+
+    done = _open_folder(ctx, out, resolved.ds)
+    if done is not None:
+        log(ctx.rank, f"{out}: finished earlier (best dev accuracy {done.best_accuracy:.4f}): not run again")
+        return done
+    t = ctx.cfg.train
+    model = build_classifier(ctx.pretrained, len(ctx.task.label_names), ctx.cfg.model.dropout, t.seed)
+    rng.seed_all(t.seed + 1000 * ctx.rank)  # per-rank dropout streams, the same in every run of the sweep
+    meta = {"run_config": ctx.cfg.to_dict(), "model_config": {**model.config.to_dict(), "num_labels": model.num_labels},
+            "ds_config": resolved.ds, "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
+            "max_seq_len": ctx.cfg.task.max_len, "format_version": None}
+    ckpt_dir = os.path.join(out, "checkpoints")
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, 1, meta, log=lambda m: log(ctx.rank, m))
+    engine, resume, state = startup.open_engine(model, resolved.ds, checkpointer,
+                                                checkpoint.resolve_resume("auto", ckpt_dir))
+    plan = _make_plan(ctx, out, resolved, engine)
+    checkpointer.every = plan.steps_per_epoch  # a checkpoint at each epoch's end (the plan needs the engine)
+    metrics = MetricsWriter(out, enabled=ctx.rank == 0, resume_step=state["step"] if state else None)
+    trainer, evaluator = _trainer(ctx, plan, engine, model, resolved, checkpointer, metrics)
+    if state is not None:
+        startup.resume_trainer(trainer, state, resume, ctx.world, lambda m: log(ctx.rank, m))
+    try:
+        code = trainer.train()
+        if code or not trainer.finished:
+            return code
+        result = RunResult(plan.peak_lr, out, evaluator.dev_accuracy, evaluator.best_accuracy, evaluator.best_epoch,
+                           trainer.step, plan.batch_size)
+        if not math.isfinite(result.best_accuracy):
+            raise FinetuneError("dev accuracy is not finite")
+        if ctx.rank == 0:  # the result first: a run with one is done, whatever else is left of it
+            files.write_json(os.path.join(out, RESULT), dataclasses.asdict(result))
+            for name in ("checkpoints", "checkpoint_tmp"):  # optimizer states: not needed once best/ is written
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         dist.barrier()
-    task = load_glue_task(k.name)
-    if rank == 0:
-        dist.barrier()
-    return task
+        return result
+    finally:
+        del engine, trainer, evaluator
+        gc.collect()
 
 
-def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
-    """Fine-tune as configured: one run per train.sweep_lrs entry (each its own JSON override of the lr),
-    or one at the JSON's lr; prints the table and a summary JSON line (rank 0)."""
-    t0 = time.time()
-    from deepspeed.accelerator import get_accelerator
+def _make_plan(ctx: Context, out: str, resolved, engine) -> Plan:
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    per_epoch = len(train_batches(len(ctx.train), micro, ctx.rank, ctx.world, ctx.cfg.train.seed, 1))
+    plan = Plan(out, float(resolved.ds["optimizer"]["params"]["lr"]), micro, engine.train_batch_size(),
+                -(-per_epoch // accum), ctx.cfg.train.epochs, ctx.cfg.train.warmup_fraction)
+    log(ctx.rank, f"fine-tune {ctx.task.name}: {len(ctx.train)} train / {len(ctx.dev)} dev examples, "
+                  f"{len(ctx.task.label_names)} labels, batch {plan.batch_size} (micro {micro} x accum {accum} x "
+                  f"world {ctx.world}), lr {plan.peak_lr:g}, {plan.epochs} epochs = {plan.total_steps} steps, "
+                  f"warmup {plan.warmup_steps}")
+    return plan
 
+
+def _context(cfg: FinetuneConfig, ds_path: str, start: startup.Start, rank: int, world: int) -> Context:
+    """The pretrained model, the tokenizer (checked against the model's), the task and its encoding."""
     from data.tokenizer import load_tokenizer
-    from trainer import config as configs, engine as eng, precision
     from trainer.checkpoint_read import load_pretrained
 
-    cfg = configs.load(config_path, [o for o in overrides if not o.startswith("ds.")], FinetuneConfig)
-    ds_raw = eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path,
-                                    configs.parse_overrides([o for o in overrides if o.startswith("ds.")]))
-    world = int(dist.setup_env()["WORLD_SIZE"])
-    device_kind = get_accelerator().device_name()
-    facts = precision.device_facts(device_kind)
-    eng.resolve(ds_raw, ds_path, facts, world)  # refuse a bad JSON before anything is loaded
-    rank, local_rank, world = dist.init()
-    if device_kind == "cuda":
-        get_accelerator().set_device(local_rank)
     pretrained, own_tokenizer, meta = load_pretrained(cfg.model.path, cfg.model.tag)
     tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else own_tokenizer
     check_tokenizer(tokenizer, meta, cfg.model.allow_tokenizer_mismatch, pretrained.config.vocab_size)
@@ -522,31 +444,58 @@ def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
         raise FinetuneError(f"--max-len {cfg.task.max_len} exceeds the model's max_position_embeddings "
                             f"{pretrained.config.max_position_embeddings} ({cfg.model.path}); pass --max-len "
                             f"{pretrained.config.max_position_embeddings} or less")
-    task = _load_task(cfg, rank)
+    task = load_task(cfg, rank)
     info = {"pretrained": os.path.abspath(cfg.model.path), "pretrained_tag": meta.tag,
             "pretraining_tokenizer_fingerprint": meta.tokenizer_fingerprint}
+    return Context(cfg, ds_path, start, rank, world, pretrained, tokenizer, task,
+                   encode_split(tokenizer, task.train, cfg.task.max_len),
+                   encode_split(tokenizer, task.dev, cfg.task.max_len), info)
+
+
+def _report(ctx: Context, results: list[RunResult], seconds: float) -> None:
+    """Rank 0: summary.json, the table (one row per lr) and one JSON line on stdout."""
+    if ctx.rank != 0:
+        return
+    best = max(results, key=lambda r: r.best_accuracy)
+    summary = {"task": ctx.task.name, "best_lr": best.lr, "best_dev_accuracy": best.best_accuracy,
+               "best_epoch": best.best_epoch, "best_model": os.path.join(best.out_dir, "best"),
+               "runs": [{"lr": r.lr, "dev_accuracy": r.dev_accuracy, "best": r.best_accuracy,
+                         "best_epoch": r.best_epoch, "steps": r.steps, "batch_size": r.batch_size,
+                         "out": r.out_dir} for r in results]}
+    files.write_json(os.path.join(ctx.cfg.train.out, "summary.json"), summary)
+    print(f"dev accuracy ({ctx.task.name}, {len(ctx.task.dev.labels)} examples):")
+    print(format_results(results))
+    print(f"fine-tuned {ctx.task.name}: best dev accuracy {best.best_accuracy:.4f} at lr {best.lr:g} epoch "
+          f"{best.best_epoch} -> {summary['best_model']} ({seconds:.0f}s)")
+    print(json.dumps(summary))
+
+
+def run(ds_path: str, config_path: str | None, overrides: list[str]) -> int:
+    """Fine-tune as configured: one run per train.sweep_lrs entry (each its own JSON override of the lr, in
+    OUT/lr_<lr>/), or one at the JSON's lr in OUT; prints the table and a summary JSON line (rank 0). Returns
+    the exit status: 0 also when a stop signal saved the run (the same command resumes it)."""
+    from trainer import engine as eng
+
+    t0 = time.time()
+    start = startup.begin(ds_path, config_path, overrides, FinetuneConfig)
+    cfg = start.cfg
+    start.resolve(start.ds_raw, ds_path)  # refuse a bad JSON before anything is loaded
+    rank, local_rank, world = dist.init()
+    startup.configure_device(start.device_kind, local_rank, lambda m: log(rank, m))
+    ctx = _context(cfg, ds_path, start, rank, world)
     sweep = cfg.train.sweep_lrs
     results = []
     for lr in sweep or [None]:
-        ds = ds_raw if lr is None else eng.apply_ds_overrides(ds_raw, ds_path, [("ds.optimizer.params.lr", lr)])
-        resolved = eng.resolve(ds, ds_path, facts, world)
-        out = os.path.join(cfg.train.out, f"lr_{lr:g}") if sweep else cfg.train.out
-        if rank == 0:
-            os.makedirs(out, exist_ok=True)
-            print(eng.precision_note(resolved), file=sys.stderr)
-        results.append(finetune(pretrained, tokenizer, task, resolved.ds, cfg, out, info=info))
-    best = max(results, key=lambda r: r.best_accuracy)
-    if rank == 0:
-        summary = {"task": task.name, "best_lr": best.lr, "best_dev_accuracy": best.best_accuracy,
-                   "best_epoch": best.best_epoch, "best_model": os.path.join(best.out_dir, "best"),
-                   "runs": [{"lr": r.lr, "dev_accuracy": r.dev_accuracy, "best": r.best_accuracy,
-                             "best_epoch": r.best_epoch, "steps": r.steps, "batch_size": r.batch_size,
-                             "out": r.out_dir} for r in results]}
-        files.write_json(os.path.join(cfg.train.out, "summary.json"), summary)
-        print(f"dev accuracy ({task.name}, {len(task.dev.labels)} examples):")
-        print(format_results(results))
-        print(f"fine-tuned {task.name}: best dev accuracy {best.best_accuracy:.4f} at lr {best.lr:g} epoch "
-              f"{best.best_epoch} -> {summary['best_model']} ({time.time() - t0:.0f}s)")
-        print(json.dumps(summary))
+        ds = start.ds_raw if lr is None else eng.apply_ds_overrides(start.ds_raw, ds_path,
+                                                                   [("ds.optimizer.params.lr", lr)])
+        resolved = start.resolve(ds, ds_path)
+        log(rank, eng.precision_note(resolved))
+        result = finetune(ctx, os.path.join(cfg.train.out, f"lr_{lr:g}") if sweep else cfg.train.out, resolved)
+        if isinstance(result, int):  # stopped: by a signal (0, saved) or an error
+            if result == 0:
+                dist.shutdown()
+            return result
+        results.append(result)
+    _report(ctx, results, time.time() - t0)
     dist.shutdown()
     return 0

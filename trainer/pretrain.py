@@ -3,19 +3,20 @@
 Sources of values: batch sizes, optimizer (and its peak lr), gradient clipping and precision come from the
 DeepSpeed JSON (resolved for this device and world size by trainer.engine) and are read back from the
 engine; everything else comes from the run YAML (trainer.config). What can be checked cheaply is checked
-before anything expensive starts: configs, shards against the model, the batch arithmetic.
+before anything expensive starts: configs, shards against the model, the batch arithmetic. The start-up
+sequence (stop flag, configs, device, engine, resume) is trainer.startup's, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from common.errors import UserError
 from data import shards as shard_io
-from trainer import checkpoint, checkpoint_read, config as run_config, dist, engine as eng, precision, rng, run_folder
+from trainer import checkpoint, checkpoint_read, config as run_config, dist, engine as eng, rng, run_folder, startup
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
 from trainer.guards import StopFlag
@@ -69,13 +70,6 @@ def check_shards_tokenizer(manifest: dict, shard_dir: str) -> None:
                           f"were built with (or rebuild the shards)")
 
 
-def load_configs(ds_path: str, config_path: str, overrides: list[str]) -> tuple[RunConfig, dict]:
-    """The run config (YAML + ``key.sub=value`` overrides) and the raw DeepSpeed JSON (+ ``ds.`` overrides)."""
-    cfg = run_config.load(config_path, [o for o in overrides if not o.startswith("ds.")])
-    ds_overrides = run_config.parse_overrides([o for o in overrides if o.startswith("ds.")])
-    return cfg, eng.apply_ds_overrides(eng.load_ds_config(ds_path), ds_path, ds_overrides)
-
-
 def _init_weights(model, init_from: Optional[str], fingerprint: str, rank: int) -> None:
     """train.init_from: weights only (phase 2 from phase 1), from the same tokenizer."""
     client = checkpoint_read.load_weights(model, init_from)
@@ -116,18 +110,6 @@ def _read_data(cfg: RunConfig, config_path: str) -> _Data:
         check_shards(valid, f"data.valid={valid_dir}", model_cfg, shard_io.FORMAT_VERSION)
         check_same_tokenizer(train, f"data.train={d.train}", valid, f"data.valid={valid_dir}")
     return _Data(d.train, valid_dir, train, valid, model_cfg)
-
-
-def _configure_device(device_kind: str, local_rank: int, rank: int) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    if device_kind == "cuda":
-        get_accelerator().set_device(local_rank)
-    elif device_kind == "cpu":
-        from trainer import cpu, cpu_start  # the CPU host workarounds, never imported on CUDA
-
-        log(rank, cpu_start.configure_allocator())
-        log(rank, cpu.workarounds())
 
 
 def _build_model(cfg: RunConfig, data: _Data, resuming: bool, rank: int):
@@ -201,20 +183,6 @@ def _peak_tflops(t, engine, resolved, rank: int) -> float:
     return peak
 
 
-def _resume(trainer, state: dict, resume, world: int, rank: int) -> None:
-    try:
-        note = trainer.restore(state)
-    except ValueError as e:
-        raise ConfigError(f"resume from {state['path']}: {e}") from None
-    log(rank, f"resumed from {state['path']} at step {trainer.step} ({trainer.samples_seen} samples, "
-              f"{trainer.tokens_seen} tokens seen)")
-    if resume.universal:
-        log(rank, f"the checkpoint was written by {resume.saved_world} rank(s), this run has {world}: weights, "
-                  f"optimizer and loss scale through {resume.path}; the data continues at the same global "
-                  f"sample; dropout streams of ranks >= {resume.saved_world} start fresh"
-                  + (f"; {note}" if note else ""))
-
-
 def _claim(t, meta: dict, resume_from, rank: int) -> Optional[RunLock]:
     """Rank 0 locks the run folder and checks this start against it (trainer.run_folder.claim) before anything
     is written; every rank learns the verdict, so no rank goes on to write when rank 0 refused."""
@@ -255,16 +223,11 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
 
     Every check that can refuse the start runs before the run folder is touched: configs, shards, batch
     arithmetic, then (rank 0, holding the folder's lock) the folder and the checkpoint to resume."""
-    stop = StopFlag()
-    stop.install()  # from the first moment: a SIGTERM during start-up stops at the first step boundary
-    cfg, ds_raw = load_configs(ds_path, config_path, overrides)
-    from deepspeed.accelerator import get_accelerator
-
+    start = startup.begin(ds_path, config_path, overrides, RunConfig)
+    cfg = start.cfg
     t = cfg.train
     data = _read_data(cfg, config_path)  # shards, model and batch arithmetic agree before anything expensive
-    device_kind = get_accelerator().device_name()  # "cuda", "cpu", ...
-    world = int(dist.setup_env()["WORLD_SIZE"])
-    resolved = eng.resolve(ds_raw, ds_path, precision.device_facts(device_kind), world)
+    resolved = start.resolve(start.ds_raw, ds_path)
     resume_from = checkpoint.resolve_resume(t.resume, os.path.join(t.output_dir, "checkpoints"))
     meta = {"run_config": cfg.to_dict(), "model_config": data.model_cfg.to_dict(), "ds_config": resolved.ds,
             "tokenizer_fingerprint": data.fingerprint, "max_seq_len": data.train["settings"]["max_seq_len"],
@@ -273,7 +236,11 @@ def run(ds_path: str, config_path: str, overrides: list[str]) -> int:
     rank, local_rank, world = dist.init(t.collective_timeout)
     lock = _claim(t, meta, resume_from, rank)
     try:
-        return _train(cfg, ds_path, data, resolved, resume_from, meta, stop, device_kind, (rank, local_rank, world))
+        code = _train(cfg, ds_path, data, resolved, resume_from, meta, start.stop, start.device_kind,
+                      (rank, local_rank, world))
+        if code == 0:
+            dist.shutdown()  # every rank is here: leave the process group together
+        return code
     finally:
         if lock is not None:
             lock.release()
@@ -290,8 +257,9 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     t, d = cfg.train, cfg.data
     rank, local_rank, world = place
     ckpt_dir = os.path.join(t.output_dir, "checkpoints")
-    log(rank, eng.precision_note(resolved))
-    _configure_device(device_kind, local_rank, rank)
+    say = functools.partial(log, rank)
+    say(eng.precision_note(resolved))
+    startup.configure_device(device_kind, local_rank, say)
     if d.num_workers > 0:  # the workers' fork server imports torch (~2.5 s): started now, while the engine builds
         from data.loader import worker_context
 
@@ -299,15 +267,10 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     model = _build_model(cfg, data, resume_from is not None, rank)
     flops = flop_counts(model)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
-    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=lambda m: log(rank, m),
-                                           every=t.save_every)
-    resume = checkpointer.plan(resume_from) if resume_from is not None else None
-    ds_engine = resolved.ds
-    if resume is not None and resume.universal:  # DeepSpeed reads the universal layout only when told to
-        ds_engine = {**ds_engine, "checkpoint": {**(ds_engine.get("checkpoint") or {}), "load_universal": True}}
-    engine = eng.build_engine(model, ds_engine)
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, t.keep_checkpoints, meta, log=say, every=t.save_every)
+    engine, resume, state = startup.open_engine(model, resolved.ds, checkpointer, resume_from)
     warmup = run_config.warmup_steps(t)
-    peak_lr = engine.optimizer.param_groups[0]["lr"]  # the JSON's lr, read before a resume overwrites it
+    peak_lr = float(resolved.ds["optimizer"]["params"]["lr"])  # the JSON's (a resume set the engine's lr since)
     log(rank, f"model {cfg.model.get('preset')} ({n_params / 1e6:.1f}M params), "
               f"{resolved.precision}, ZeRO-{engine.zero_optimization_stage()}, "
               f"{type(eng.base_optimizer(engine)).__name__}, {resolved.batch}, peak lr "
@@ -315,7 +278,6 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     log(rank, "resolved run config:\n" + run_config.dump_yaml(cfg).rstrip())
 
     loader = _build_loader(cfg, data, resolved, rank, world)
-    state = checkpointer.load(engine, resume) if resume is not None else None
     aside = run_folder.earlier_dir(t.output_dir)
     if rank == 0:
         _prepare_folder(cfg, resolved.ds, data, aside, fresh=state is None)
@@ -330,11 +292,11 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     health = DataHealth(d.max_bad_samples, d.max_bad_fraction,
                         shard_budget(len(data.train["splits"]["train"]["shards"]), d.max_bad_shards))
     trainer = Trainer(engine, loader, t, info, metrics=metrics, checkpointer=checkpointer, health=health,
-                      validate=validate, stop=stop, log=lambda m: log(rank, m),
+                      validate=validate, stop=stop, log=say,
                       callbacks=callbacks.standard() + ([panel] if panel is not None else []),
                       rollback=Rollback(cfg.rollback, initial_loss_scale=info.initial_loss_scale))
     if state is not None:
-        _resume(trainer, state, resume, world, rank)
+        startup.resume_trainer(trainer, state, resume, world, say)
     elif t.resume == "auto":
         log(rank, f"no checkpoint in {ckpt_dir}: starting from step 0")
     return trainer.train()

@@ -147,7 +147,8 @@ class Rollback:
 
     def apply(self, trainer) -> None:
         """Bring the loader and the schedule in line with the whole history (after a restore or a resume)."""
-        trainer.loader.skip([e["skip"] for e in self.history])
+        if self.history:  # (a loader without a skip list, fine-tuning's, never rolls back)
+            trainer.loader.skip([e["skip"] for e in self.history])
         for e in self.history:
             trainer.schedule.scale(*e["lr"])
         trainer.boundary.mark()

@@ -1,11 +1,16 @@
-"""The one pretraining loop, over components built elsewhere (trainer.pretrain builds them).
+"""The one training loop and the one training step, over components built elsewhere (trainer.pretrain builds
+them for pretraining, trainer.finetune for fine-tuning; benchmarks.steps times ``train_step``).
+
+``Trainer.train_step`` is the only forward/backward/optimizer step of the project. What differs between
+pretraining and fine-tuning is the model's output: an ``objective`` (``PretrainingObjective`` by default)
+says which inputs the model takes, which loss to step on and which named sums a log line reports.
 
 State registers itself with the checkpointer (trainer.checkpoint): the Trainer's counters ("trainer"), the
 loader's position at the last step boundary ("loader", per rank), the RNG streams ("rng", per rank), the data's
-health, the non-finite guard, the schedule, the audit's unlogged step digests and the rollback history with its
-spike window. ``restore`` hands a loaded checkpoint's parts back. Nothing in the order of construction matters:
-the loader's workers draw no seed from the global RNG, so the state can be restored before or after anything
-else.
+health, the non-finite guard, the schedule, the audit's unlogged step digests, the rollback history with its
+spike window, and the run's own ``components`` (fine-tuning's dev history). ``restore`` hands a loaded
+checkpoint's parts back. Nothing in the order of construction matters: the loader's workers draw no seed from
+the global RNG, so the state can be restored before or after anything else.
 
 A step: the batches of step N are fetched first; then every rank agrees (``guards.agree``: one tiny
 all_reduce) on whether some rank's data failed, a stop was requested or the last loss was not finite; only
@@ -41,12 +46,12 @@ from typing import Callable, Optional
 import torch
 
 from data.health import DataHealth
+from data.loader import model_inputs
 from trainer import callbacks as cbs, checkpoint, checkpoint_files, dist, rng
 from trainer.audit import StepDigests
 from trainer.config import TrainConfig
 from trainer.engine import loss_scale
 from trainer.guards import NonFiniteGuard, StopFlag, Verdict, agree, agree_stop
-from trainer.evaluation import to_device
 from trainer.metrics import SUM_KEYS, MetricsWriter, summarize
 from trainer.rollback import Rollback
 from trainer.schedule import Schedule, set_lr
@@ -69,11 +74,47 @@ class RunInfo:
     ds_path: str  # where the peak lr comes from (named in the non-finite message)
     min_loss_scale: float = 1.0  # fp16's floor (the JSON's fp16.min_loss_scale)
     initial_loss_scale: float = 2.0 ** 16  # fp16's start (2^fp16.initial_scale_power), where a rollback resets it
+    name: str = "pretrain"  # what the progress bar says
 
 
-# The loop's own sums (callbacks add theirs): every rank holds these names from the start, so the one reduction
-# of a window lines up even on a rank whose batches were all padding.
-STEP_SUMS = ("loss_sum", "micro_batches", "samples", "tokens", *SUM_KEYS)
+# The step's own sums (the objective and callbacks add theirs): every rank holds these names from the start, so
+# the one reduction of a window lines up even on a rank whose batches were all padding.
+STEP_SUMS = ("loss_sum", "micro_batches", "samples", "tokens")
+
+
+def add_sums(into: dict, values: dict) -> None:
+    """Add named values (0-dim tensors, kept on their device in float64, or host numbers) into ``into``."""
+    for k, v in values.items():
+        v = v.detach().double() if isinstance(v, torch.Tensor) else v
+        into[k] = into.get(k, 0.0) + v
+
+
+class PretrainingObjective:
+    """BERT's MLM + NSP (bert.BertForPreTraining): the loss, the exact sums of trainer.metrics.SUM_KEYS, and the
+    metrics a log line shows from them (trainer.metrics.summarize)."""
+
+    sum_keys = SUM_KEYS
+
+    def inputs(self, batch: dict) -> dict:
+        return model_inputs(batch)
+
+    def __call__(self, out, inputs: dict) -> tuple[torch.Tensor, dict]:
+        return out.loss, {k: getattr(out, k) for k in SUM_KEYS}
+
+    def summary(self, sums: dict) -> dict:
+        return {k: v for k, v in summarize(sums).items() if k in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")}
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step leaves, nothing of it read back to the host: ``lr`` (the step's, a host number),
+    ``sums`` (named: 0-dim device tensors in float64 or host numbers), ``nonfinite`` (the count of non-finite
+    micro-batch losses, a device tensor the step's agreement reads) and the sample ``keys`` of its batches."""
+
+    lr: float
+    sums: dict
+    nonfinite: torch.Tensor
+    keys: list
 
 
 @dataclass
@@ -81,7 +122,7 @@ class Window:
     """Named sums since the last log line: 0-dim device tensors or host numbers, never read back before the log
     step. ``folded``: the part already summed over ranks (at a validation or a save between two log lines)."""
 
-    sums: dict = field(default_factory=lambda: dict.fromkeys(STEP_SUMS, 0.0))
+    sums: dict
     folded: dict = field(default_factory=dict)
     steps: int = 0  # steps in ``sums`` (the same on every rank)
     elapsed: float = 0.0  # training seconds of ``folded``
@@ -89,9 +130,12 @@ class Window:
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, values: dict) -> None:
-        for k, v in values.items():
-            v = v.detach().double() if isinstance(v, torch.Tensor) else v
-            self.sums[k] = self.sums.get(k, 0.0) + v
+        add_sums(self.sums, values)
+
+    def add_step(self, stats: StepStats) -> None:
+        self.add(stats.sums)
+        self.keys.append(stats.keys)
+        self.steps += 1
 
 
 class LoaderAtBoundary:
@@ -118,12 +162,16 @@ class Trainer:
     def __init__(self, engine, loader, cfg: TrainConfig, info: RunInfo, *, metrics: MetricsWriter,
                  checkpointer: checkpoint.Checkpointer, health: DataHealth,
                  validate: Optional[Callable[..., bool]] = None, stop: Optional[StopFlag] = None,
-                 log: Callable[[str], None] = print, callbacks: Optional[list] = None,
-                 rollback: Optional[Rollback] = None):
-        """callbacks: what the log lines report beyond the loss (trainer.callbacks; default: ``standard()``);
-        rollback: what a divergence does (default: trainer.config.RollbackConfig's defaults)."""
+                 log: Callable[[str], None] = print, callbacks: Optional[list] = None, objective=None,
+                 components: Optional[dict] = None, rollback: Optional[Rollback] = None):
+        """callbacks: what the log lines report beyond the loss (trainer.callbacks; default: ``standard()``).
+        objective: the model's loss and sums (default ``PretrainingObjective``). components: name -> object with
+        ``state_dict`` / ``load_state_dict`` whose state a checkpoint holds (the same on every rank). rollback:
+        what a divergence does (default: trainer.config.RollbackConfig's defaults)."""
         self.engine, self.loader, self.cfg, self.info, self.health = engine, loader, cfg, info, health
         self.callbacks = cbs.standard() if callbacks is None else list(callbacks)
+        self.objective = objective or PretrainingObjective()
+        self.components = dict(components or {})
         self.metrics, self.checkpointer, self.validate_fn, self.log = metrics, checkpointer, validate, log
         self.step = self.samples_seen = self.tokens_seen = 0
         self.phase = "start-up"
@@ -138,7 +186,8 @@ class Trainer:
         for name, part, per_rank in (("trainer", self, False), ("loader", self.boundary, True),
                                      ("rng", rng.Streams(), True), ("data_health", health, False),
                                      ("guard", self.guard, False), ("schedule", self.schedule, False),
-                                     ("audit", self.audit, False)):
+                                     ("audit", self.audit, False),
+                                     *((name, c, False) for name, c in self.components.items())):
             checkpointer.register(name, part, per_rank=per_rank)
         self.rollback.register(checkpointer)
         self._stream = None
@@ -199,35 +248,30 @@ class Trainer:
         verdict = self._agree(error)
         if not verdict.halt and self.step == 0 and t.eval_every > 0:
             verdict.stop = not self._validate()  # the starting point, so the curve shows where accuracy began
-        win, train_time = Window(), 0.0
+        win, train_time = self._window(), 0.0
         from tqdm import tqdm
 
-        with tqdm(total=t.max_steps, initial=self.step, disable=self.info.rank != 0, desc="pretrain", unit="step",
+        with tqdm(total=t.max_steps, initial=self.step, disable=self.info.rank != 0, desc=self.info.name, unit="step",
                   dynamic_ncols=True, mininterval=1.0, file=sys.stdout) as bar:
             while self.step < t.max_steps and not verdict.halt:
-                self.phase = "training step"
-                lr = self.schedule.lr(self.step)
-                set_lr(self.engine.optimizer, lr)
-                mark = (win.sums["loss_sum"], win.sums["micro_batches"])
-                nonfinite = self._train_step(batches, win)
-                self.step += 1
+                stats = self.train_step(batches)
+                win.add_step(stats)
                 bar.update(1)
                 for cb in self.callbacks:
                     cb.on_step_end(self, batches, win)
                 self.boundary.mark()  # before the next step's batches are fetched
                 batches, error = self._fetch()
-                verdict = self._agree(error, nonfinite, (win.sums["loss_sum"] - mark[0],
-                                                         win.sums["micro_batches"] - mark[1]))
+                verdict = self._agree(error, stats.nonfinite, (stats.sums["loss_sum"], stats.sums["micro_batches"]))
                 if verdict.fatal:
                     verdict.fatal = self.rollback.heal(self, verdict.fatal)  # None: rolled back, go on
                     if verdict.fatal:
                         break
-                    win, bar.n = Window(), self.step
+                    win, bar.n = self._window(), self.step
                     batches, verdict = self._restart()
                     continue
                 if self.logs_at(self.step):
-                    train_time += self._log(win, lr, bar)
-                    win = Window()
+                    train_time += self._log(win, stats.lr, bar)
+                    win = self._window()
                 if t.eval_every > 0 and self.step % t.eval_every == 0:
                     train_time += self._fold(win)
                     # a stop agreed before this pass leaves it whole (the record a resume would not redo);
@@ -300,29 +344,37 @@ class Trainer:
         """Whether ``step`` (counted when done) writes a log line."""
         return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
 
-    def _train_step(self, batches: list[dict], win: Window) -> torch.Tensor:
-        """Forward/backward over the step's micro-batches and the optimizer step. Nothing is read back to the host
-        (a pipeline drain on a GPU): the sums go to ``win`` on the device, and the count of non-finite losses is
-        returned there for the step's agreement to read."""
+    def train_step(self, batches: list[dict]) -> StepStats:
+        """The one optimizer step (pretraining, fine-tuning and the benchmark's (a) run this): the lr of step
+        ``self.step`` (trainer.schedule), forward/backward over the step's micro-batches (the accumulation) and
+        the optimizer step at the boundary; counts the step. A padding batch (``is_padding``: every rank must run
+        the same collectives) is stepped with zero weight and not counted. Nothing is read back to the host (a
+        pipeline drain on a GPU): the sums and the count of non-finite losses stay on the device."""
+        self.phase = "training step"
+        lr = self.schedule.lr(self.step)
+        set_lr(self.engine.optimizer, lr)
         device = self.engine.device
         nonfinite = torch.zeros((), device=device)
-        keys = []
+        sums, keys = dict.fromkeys(STEP_SUMS, 0.0), []
         for batch in batches:
-            out = self.engine(**to_device(batch, device))
-            if batch["is_padding"]:  # all its samples were lost: zero weight, only the collectives run
-                self.engine.backward(out.loss * 0.0)
+            inputs = {k: v.to(device, non_blocking=True) for k, v in self.objective.inputs(batch).items()}
+            loss, named = self.objective(self.engine(**inputs), inputs)
+            if batch["is_padding"]:
+                self.engine.backward(loss * 0.0)
                 self.engine.step()
                 continue
-            self.engine.backward(out.loss)
+            self.engine.backward(loss)
             self.engine.step()
             keys.extend(batch["keys"])
-            loss = out.loss.detach().float()
+            loss = loss.detach().float()
             nonfinite += ~torch.isfinite(loss)
-            win.add({"loss_sum": loss, "micro_batches": 1, "samples": batch["input_ids"].shape[0],
-                     "tokens": batch["tokens"], **{k: getattr(out, k) for k in SUM_KEYS}})
-        win.keys.append(keys)
-        win.steps += 1
-        return nonfinite
+            add_sums(sums, {"loss_sum": loss, "micro_batches": 1, "samples": batch["input_ids"].shape[0],
+                            "tokens": batch["tokens"], **named})
+        self.step += 1
+        return StepStats(lr, sums, nonfinite, keys)
+
+    def _window(self) -> Window:
+        return Window(dict.fromkeys((*STEP_SUMS, *self.objective.sum_keys), 0.0))
 
     # --- pieces of the loop ----------------------------------------------------------------------
     def _fold(self, win: Window) -> float:
@@ -346,7 +398,7 @@ class Trainer:
         train_time = self._fold(win)
         s, elapsed = win.folded, max(win.elapsed, 1e-9)
         rec = {"step": self.step, "loss": s["loss_sum"] / max(s["micro_batches"], 1), "lr": lr,
-               **{k: v for k, v in summarize(s).items() if k in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")},
+               **self.objective.summary(s),
                "samples_per_s": s["samples"] / elapsed, "tokens_per_s": s["tokens"] / elapsed,
                "skipped_steps": int(self.engine.skipped_steps),
                "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
@@ -405,5 +457,9 @@ class Trainer:
                  f"logs {self.metrics.path}; tensorboard --logdir {self.metrics.tb_dir}")
         if verdict.fatal or verdict.data_errors or verdict.damaged:
             return EXIT_NONFINITE if verdict.fatal else EXIT_DATA
-        dist.shutdown()
         return EXIT_OK
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run trained to its last step (not stopped early by a signal, data or non-finite numbers)."""
+        return self.step >= self.cfg.max_steps
