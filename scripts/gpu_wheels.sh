@@ -10,7 +10,7 @@
 #      line) and the carried modules imported; without a 3.12, pip resolves them for 3.12 (dry run).
 # Idempotent: a second run downloads nothing. The venv: GPU_WHEELS_PYTHON, else .venv, else the main
 # worktree's .venv. On the device: python3 -m pip install -q --no-index --no-deps --no-compile
-# --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# --no-cache-dir --upgrade --target "$SITE" .whl/*.whl && export PYTHONPATH="$SITE" (SITE: a scratch folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHL=.whl
