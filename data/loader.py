@@ -42,7 +42,7 @@ damaged ones with their found/expected counts, the corrupt samples) rides inside
 process, which logs each damaged shard once and keeps the counts (``.stats``, ``.health_report()``). Whether
 the run may go on is decided over all ranks by ``data.health.DataHealth``.
 
-Workers start from a fork server (``multiprocessing_context="forkserver"``): a worker forked from the
+Workers start from a fork server (data.workers, ``multiprocessing_context="forkserver"``): a worker forked from the
 training process itself, once it runs threads (queue feeders, TensorBoard's writer), can block forever in
 CPython's after-fork hook on a lock another thread held (docs/loader.md has the measurements). Every wait
 for a worker is bounded (``timeout_s``).
@@ -52,12 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
-import select
-import signal
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -67,6 +62,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import masking
 from common.errors import DataError
+from data.order import OrderPlan, merge_ranges
+from data.workers import WorkerSignals, worker_context
 from data.shards import (ShardScan, iter_samples, read_manifest, read_sample, sample_limits, shard_paths,
                          verify_shard)
 
@@ -89,227 +86,16 @@ def padded_length(longest: int, max_len: int | None = None) -> int:
     return r if max_len is None else min(r, max(longest, max_len))
 
 
-class _WorkerSignals:
-    """worker_init_fn: a worker obeys SIGTERM from its own rank and ignores everyone else's stop signals.
-
-    Slurm signals every process of a step, and a terminal's Ctrl-C its whole process group; a worker ending
-    then would crash its rank mid-step, before it can save. The rank decides when to stop: it ends the workers
-    itself (torch's shutdown, multiprocessing's exit hook) with SIGTERM, and a worker that ignored that too
-    would leave the rank's exit waiting on it forever. So SIGTERM is blocked and read by one thread that
-    knows the sender (sigwaitinfo): the rank's own is obeyed, others are dropped."""
-
-    def __init__(self) -> None:
-        self.owner = os.getpid()  # the rank's main process, which builds the DataLoader
-
-    def __call__(self, worker_id: int) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-        threading.Thread(target=self._end_with_owner, name="owner-watch", daemon=True).start()
-        if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to read, so obey every SIGTERM
-            if hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked from birth (worker_context)
-            return
-        # Blocked from birth (the fork server's mask, worker_context), and here for any other start method.
-        # Threads started after this (the result queue's feeder) inherit the block, so only the watcher below
-        # ever receives SIGTERM, one sent before this ran included.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        threading.Thread(target=self._watch, name="sigterm-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        while True:
-            info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid == self.owner:
-                os._exit(0)
-
-    def _end_with_owner(self) -> None:
-        """End when the rank is gone, however it ended (kill -9, a second Ctrl-C). torch's own check compares
-        the parent's pid, and a worker's parent is the fork server, which outlives the rank as long as any
-        worker holds its pipe: without this, a rank killed outright left its workers and the fork server
-        running forever. A pidfd (Linux 5.3+) wakes at the owner's exit; elsewhere the owner is polled."""
-        try:
-            fd = os.pidfd_open(self.owner)
-        except (AttributeError, OSError):  # no pidfd, or the owner is already gone
-            while _alive(self.owner):
-                time.sleep(1.0)
-            os._exit(0)
-        select.select([fd], [], [])
-        os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user's process
-        return False
-    return True
-
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
-
-
-def worker_context():
-    """Start method of the DataLoader workers: a fork server where there is one (Linux, macOS), preloading
-    this module so that a worker starts in milliseconds; else the platform default.
-
-    Slurm and the deepspeed launcher signal a rank's whole process group: the fork server, multiprocessing's
-    resource tracker and the workers too. With the default actions a SIGTERM or SIGUSR1 killed the fork server
-    or the tracker (the next workers then could not start) or a worker in its first milliseconds, before its
-    ``_WorkerSignals`` ran ("DataLoader worker exited unexpectedly": found by scripts/signal_drill.py). So both
-    helpers are started here with the stop signals blocked: they keep that mask, the workers inherit it from
-    the fork server, and a SIGTERM sent to a worker waits until its ``_WorkerSignals`` thread reads it (and
-    obeys only the rank's). The helpers end with their rank (end of file on their pipes), not on a signal."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    from multiprocessing import forkserver, resource_tracker
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data.loader"])  # only takes effect before the server's first start
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # this thread only; others still take them
-    try:
-        resource_tracker.ensure_running()  # a no-op while it runs; it unblocks SIGINT/SIGTERM when done, so:
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return ctx
-
-
 def model_inputs(batch: dict) -> dict:
     """The tensors of a batch that ``engine(**...)`` accepts. A batch marked ``no_padding`` goes without its
     attention mask (all ones): the model then skips masking and unpadding without asking the device."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS if not (k == "attention_mask" and batch.get("no_padding"))}
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def merge_ranges(ranges) -> np.ndarray:
-    """(n, 2) int64 of the union of [start, end) ranges, sorted and non-overlapping; empty ranges dropped."""
-    out: list[list[int]] = []
-    for a, b in sorted((int(a), int(b)) for a, b in ranges if int(b) > int(a)):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return np.asarray(out, np.int64).reshape(-1, 2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The deterministic plan (picklable; shared by the main process and the workers)
-# ---------------------------------------------------------------------------------------------------
-class _Plan:
-    """The order, as arithmetic. Training (loop): an endless stream of epochs, each contributing ``used`` =
-    N rounded down to whole global batches of positions (e.g. N=1000, global batch 16 -> 992 used, 8 dropped);
-    stream position q is epoch q // used, position q % used. A loader started at stream position q0 gives rank
-    r, in its micro batch k, the positions q0 + (k*B + i)*W + r for i < B. The stream does not depend on the
-    world size or the micro batch, only the global batch fixes the epoch length: a run resumed on another
-    world size continues at the same q. Eval (not loop): one pass of all N positions, q0 = 0."""
-
-    def __init__(self, *, names: list[str], paths: list[str], counts: np.ndarray, rank: int, world_size: int,
-                 micro_batch: int, seed: int, shuffle: bool, loop: bool, block_shards: int, global_batch: int,
-                 skips: np.ndarray | None = None):
-        self.names, self.paths = names, paths
-        self.skips = np.zeros((0, 2), np.int64) if skips is None else skips  # (n, 2) stream [start, end), sorted
-        self.counts = counts  # (n_shards,) int64
-        self.rank, self.world, self.B = rank, world_size, micro_batch
-        self.seed, self.shuffle, self.loop, self.K = seed, shuffle, loop, block_shards
-        self.N = int(counts.sum())
-        if loop:
-            self.used = self.N // global_batch * global_batch
-            self.T = self.used // (micro_batch * world_size)  # micro batches per rank per epoch
-        else:
-            # rank 0 has the most samples, ceil(N/W); every rank yields ceil(ceil(N/W)/B) batches,
-            # e.g. N=1001, W=2, B=8: rank 0 has 501 samples -> 63 batches, rank 1 has 500 -> 62 + 1 padding
-            self.used = self.N
-            self.T = _ceil_div(_ceil_div(self.N, world_size), micro_batch)
-        self._layout_cache: tuple[int, tuple] | None = None
-
-    def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(shard order, block start positions (n_blocks+1,), shard cumulative start in epoch order)."""
-        if self._layout_cache is not None and self._layout_cache[0] == epoch:
-            return self._layout_cache[1]
-        n = len(self.counts)
-        order = (np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        cum = np.concatenate([[0], np.cumsum(self.counts[order])])  # (n+1,)
-        # every K-th shard boundary, plus the end; unique() merges empty blocks (shards with 0 samples)
-        block_starts = np.unique(cum[np.append(np.arange(0, n, self.K), n)])  # (n_blocks+1,)
-        out = (order, block_starts, cum)
-        self._layout_cache = (epoch, out)
-        return out
-
-    def block_perm(self, epoch: int, block: int, size: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(size, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch, 1, block]).permutation(size)
-
-    def batches(self, q0: int) -> Optional[int]:
-        """Micro batches of this rank from stream position q0: None (endless) when training."""
-        return None if self.loop else _ceil_div(max(0, _ceil_div(self.N - q0, self.world)), self.B)
-
-    def to_stream(self, v: np.ndarray) -> np.ndarray:
-        """Stream positions of the logical positions ``v`` (the count of samples handed out before them): each
-        skipped range [a, b) pushes every position at or past a by b - a. Skips [(4, 6)]: v 3, 4, 5 -> 3, 6, 7."""
-        q = np.asarray(v, np.int64).copy()
-        for a, b in self.skips.tolist():  # ascending, so q already holds the earlier ranges' shift
-            q[q >= a] += b - a
-        return q
-
-    def to_logical(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logical position, skipped?) of stream positions ``q``; the inverse of ``to_stream`` off the skips."""
-        q = np.asarray(q, np.int64)
-        v, skipped = q.copy(), np.zeros(q.shape, bool)
-        for a, b in self.skips.tolist():
-            skipped |= (q >= a) & (q < b)
-            v -= np.clip(q - a, 0, b - a)  # the part of [a, b) below q
-        return v, skipped
-
-    def positions(self, q0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(epoch, position) of each sample of micro batch k, from logical start ``q0``; short or empty past the
-        end in eval."""
-        q = q0 + (k * self.B + np.arange(self.B, dtype=np.int64)) * self.world + self.rank  # (B,)
-        if not self.loop:
-            q = q[q < self.N]
-            return np.zeros_like(q), q
-        return np.divmod(self.to_stream(q), self.used)
-
-    def needed(self, q0: int, epoch: int, block: int, w: int, nw: int) -> np.ndarray:
-        """Positions of ``block`` of ``epoch`` that DataLoader worker w of nw emits from logical q0 on (sorted)."""
-        _, block_starts, _ = self.layout(epoch)
-        p = np.arange(block_starts[block], min(block_starts[block + 1], self.used), dtype=np.int64)
-        if self.loop:
-            v, skipped = self.to_logical(epoch * self.used + p)
-            q, keep = v - q0, ~skipped
-        else:
-            q, keep = p - q0, np.ones(p.shape, bool)
-        keep &= (q >= 0) & (q % self.world == self.rank)
-        return p[keep & ((q // self.world // self.B) % nw == w)]
-
-    def sample_ids(self, epoch: int, pos: np.ndarray) -> np.ndarray:
-        """Global ids (manifest order: shard offset + index in its shard) of the samples at ``pos`` of ``epoch``:
-        what the audit (trainer.audit) recomputes from the plan alone, without reading a shard."""
-        order, block_starts, cum = self.layout(epoch)
-        pos = np.asarray(pos, np.int64)
-        b = np.searchsorted(block_starts, pos, side="right") - 1
-        at = np.empty_like(pos)  # position of each sample in the epoch's shard order
-        for bb in np.unique(b).tolist():
-            mask = b == bb
-            perm = self.block_perm(epoch, bb, int(block_starts[bb + 1] - block_starts[bb]))
-            at[mask] = block_starts[bb] + perm[pos[mask] - block_starts[bb]]
-        s = np.searchsorted(cum, at, side="right") - 1
-        return self.offsets[order[s]] + at - cum[s]
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """(n_shards+1,) id of each shard's first sample in manifest order."""
-        return np.concatenate([[0], np.cumsum(self.counts)])
-
-
 class _Block:
     """Record bytes of the samples one worker needs from one shuffle block, plus what reading found."""
 
-    def __init__(self, plan: _Plan, epoch: int, b: int, need_pos: np.ndarray, member_bound: int):
+    def __init__(self, plan: OrderPlan, epoch: int, b: int, need_pos: np.ndarray, member_bound: int):
         order, block_starts, cum = plan.layout(epoch)
         self.start = int(block_starts[b])
         size = int(block_starts[b + 1]) - self.start
@@ -350,12 +136,12 @@ class _Block:
         self.blob = b"".join(recs)  # two bytes objects: no per-sample Python objects kept
         self.keys = b"".join(keys)
 
-    def shard_name(self, plan: _Plan, sample: int) -> str:
+    def shard_name(self, plan: OrderPlan, sample: int) -> str:
         i = int(np.searchsorted(self.shard_start, sample, side="right")) - 1
         return plan.names[self.shards[i]]
 
-    def sample_id(self, plan: _Plan, sample: int) -> int:
-        """The global id of sample-in-block ``sample`` (as _Plan.sample_ids numbers it)."""
+    def sample_id(self, plan: OrderPlan, sample: int) -> int:
+        """The global id of sample-in-block ``sample`` (as OrderPlan.sample_ids numbers it)."""
         i = int(np.searchsorted(self.shard_start, sample, side="right")) - 1
         return int(plan.offsets[self.shards[i]] + sample - self.shard_start[i])
 
@@ -364,7 +150,7 @@ class _Stream(IterableDataset):
     """Micro batches k = 0, 1, ... of one rank from stream position q0; DataLoader worker w of nw emits
     k = w, w + nw, ..., which is the order in which torch's DataLoader round-robins over its workers."""
 
-    def __init__(self, plan: _Plan, q0: int, settings: dict):
+    def __init__(self, plan: OrderPlan, q0: int, settings: dict):
         super().__init__()
         self.plan, self.q0, self.s = plan, q0, settings
 
@@ -529,7 +315,7 @@ class PretrainLoader:
         self.seed, self.num_workers, self.shuffle, self.loop = seed, num_workers, shuffle, loop
         self.dynamic_masking, self.block_shards = dynamic_masking, block_shards
         self.prefetch_factor, self.timeout_s, self.global_batch = prefetch_factor, timeout_s, global_batch
-        self._plan = _Plan(names=names, paths=paths, counts=counts, rank=rank, world_size=world_size,
+        self._plan = OrderPlan(names=names, paths=paths, counts=counts, rank=rank, world_size=world_size,
                            micro_batch=micro_batch, seed=seed, shuffle=shuffle, loop=loop, block_shards=block_shards,
                            global_batch=global_batch)
         if self._plan.T == 0:
@@ -583,7 +369,7 @@ class PretrainLoader:
             # creating an iterator never shifts the dropout stream (resume restores it in any order).
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                      persistent_workers=False, prefetch_factor=self.prefetch_factor,
-                                     collate_fn=_identity, worker_init_fn=_WorkerSignals(),
+                                     collate_fn=_identity, worker_init_fn=WorkerSignals(),
                                      multiprocessing_context=worker_context(), timeout=_POLL_S,
                                      generator=torch.Generator().manual_seed(self.seed)))
             source = self._bounded(source)

@@ -261,7 +261,7 @@ def _train(cfg: RunConfig, ds_path: str, data: _Data, resolved, resume_from, met
     say(eng.precision_note(resolved))
     startup.configure_device(device_kind, local_rank, say)
     if d.num_workers > 0:  # the workers' fork server imports torch (~2.5 s): started now, while the engine builds
-        from data.loader import worker_context
+        from data.workers import worker_context
 
         worker_context()
     model = _build_model(cfg, data, resume_from is not None, rank)
