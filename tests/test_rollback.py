@@ -322,7 +322,6 @@ def test_spike_rule_fires_only_on_a_sustained_jump():
 # A launched run with a fault: the ranks of launcher/pretrain.py, with one callback added to the standard ones.
 FAULTY_PRETRAIN = """
 import os, sys
-sys.path.insert(0, os.environ["REPO"])
 from trainer import callbacks, launch
 from trainer.callbacks import Callback
 
@@ -341,7 +340,8 @@ sys.exit(launch.main(main, stop_signals=True))
 def launch_faulty(procs, tmp, ds, cfg, sample, world, name, *overrides):
     script = tmp / "faulty_pretrain.py"
     script.write_text(FAULTY_PRETRAIN)
-    ranks = start_ranks(procs, tmp, ds, cfg, *overrides, world=world, name=name, script=script, REPO=str(REPO),
+    ranks = start_ranks(procs, tmp, ds, cfg, *overrides, world=world, name=name, script=script,
+                        PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
                         FAULT_SAMPLE=str(sample))
     codes = procs.wait(ranks, 600)
     logs = ["".join(procs.output(p)) for p in ranks]
